@@ -1,0 +1,44 @@
+//! What the Tandem coordinator and the participant SDK share below the protocol.
+//!
+//! Both sides keep a durable log in sled and must force records to disk before they speak
+//! (the coordinator before it announces a decision, a participant before it votes yes), so the
+//! pieces that make that true live here once:
+//!
+//! - [`ids`]: transaction ids ([`TxnId`]) and branch indexes ([`BranchIdx`]), with the
+//!   validation every side applies to ids that come from outside;
+//! - [`codec`]: the one place records are encoded (bincode 2, behind a format version byte);
+//! - [`group_commit`]: the flusher that makes sled writes durable against power loss, sharing
+//!   one `flush` + `fdatasync` among all concurrent writers;
+//! - [`backoff`]: capped exponential backoff with jitter, from a seeded generator;
+//! - [`crash`]: the `TANDEM_CRASH_AT` crash points the fault tests use;
+//! - [`child`]: starting a Tandem server as a child process and learning the port it bound
+//!   (benchmarks and end-to-end tests run every server as a real process).
+
+pub mod backoff;
+pub mod child;
+pub mod codec;
+pub mod crash;
+pub mod group_commit;
+pub mod ids;
+
+pub use backoff::{Backoff, SplitMix64};
+pub use codec::CodecError;
+pub use group_commit::{FlushError, GroupCommit};
+pub use ids::{BranchIdx, IdError, TxnId};
+
+/// Milliseconds since the Unix epoch, read from the system clock.
+///
+/// Only runtimes call this; protocol engines are handed the time as an input.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The largest value Tandem itself ever writes to sled, in bytes.
+///
+/// sled 0.34.7 stores a value larger than a quarter of its 512 KiB segment (about 128 KiB) in a
+/// separate blob file, and its flush never fsyncs blob files. Every Tandem record stays well
+/// below that, so all of them live in the one data file that [`GroupCommit`] fdatasyncs.
+pub const RECORD_BYTES_MAX: usize = 96 * 1024;

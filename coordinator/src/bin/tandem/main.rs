@@ -1,0 +1,130 @@
+//! `tandem`: the coordinator daemon and its command line.
+//!
+//! - `tandem serve`: run the coordinator (sled log in `--data-dir`, gRPC on `--listen`);
+//! - `tandem demo`: a coordinator and two bank participants in one process, a few hundred
+//!   transfers, a summary;
+//! - `tandem bench 2pc`: coordinator and banks as separate processes, a closed-loop load,
+//!   throughput and latency beside the bare gRPC ping rate of the same run.
+
+mod bench;
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tandem_coordinator::{daemon, CoordinatorConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    about = "Tandem distributed transaction coordinator",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator daemon.
+    Serve(ServeArgs),
+    /// Run a coordinator and two banks in one process and perform transfers.
+    Demo(demo::DemoArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: String,
+    /// Folder of the coordinator's transaction log (sled).
+    #[arg(long, default_value = "./tandem-data")]
+    data_dir: PathBuf,
+    /// Address participants use to reach this coordinator (default: the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Prepare deadline when a client sets none, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    prepare_timeout_ms_default: u64,
+    /// Largest prepare deadline a client may ask for, in milliseconds.
+    #[arg(long, default_value_t = 300_000)]
+    prepare_timeout_ms_max: u64,
+    /// Most transactions in flight before new ones are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 10_000)]
+    txn_in_flight_max: usize,
+}
+
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.prepare_timeout_ms_default == 0
+        || args.prepare_timeout_ms_default > args.prepare_timeout_ms_max
+    {
+        bail!(
+            "--prepare-timeout-ms-default must be in 1..=--prepare-timeout-ms-max ({})",
+            args.prepare_timeout_ms_max
+        );
+    }
+    if args.txn_in_flight_max == 0 {
+        bail!("--txn-in-flight-max must be at least 1");
+    }
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
+    let bound = listener.local_addr()?;
+    let advertise = match args.advertise {
+        Some(a) => a,
+        None if bound.ip().is_unspecified() => {
+            bail!("--listen {} binds every interface; say with --advertise which address participants should use", args.listen)
+        }
+        None => bound.to_string(),
+    };
+    let mut config = CoordinatorConfig::new(format!("http://{advertise}"));
+    if advertise.contains("://") {
+        config.advertise = advertise;
+    }
+    config.prepare_timeout_ms_default = args.prepare_timeout_ms_default;
+    config.prepare_timeout_ms_max = args.prepare_timeout_ms_max;
+    config.txn_in_flight_max = args.txn_in_flight_max;
+    // Tests and scripts read this line to learn the port.
+    println!("tandem coordinator listening on {bound}");
+    daemon::run(listener, &args.data_dir, config, shutdown_signal())
+        .await
+        .with_context(|| format!("coordinator with data in {}", args.data_dir.display()))?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Demo(args) => demo::run(args).await,
+        Command::Bench(command) => bench::run(command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! The coordinator's one error enum, which classifies itself.
+//!
+//! Each variant knows whether the caller may retry and whether the transaction's outcome is
+//! known, and maps to exactly one gRPC status at the edge ([`CoordinatorError::to_status`]).
+//! Broken invariants are not errors: they are assertions that stop the process.
+
+use crate::log::LogError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The request is malformed or outside a limit; nothing was started.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The id names a transaction with different branches.
+    #[error("transaction {txn} already exists with different branches")]
+    AlreadyExists { txn: String },
+    #[error("no transaction {txn} is known to this coordinator")]
+    NotFound { txn: String },
+    /// Too much work in flight; the caller should retry after `retry_after_ms`.
+    #[error("too many transactions in flight ({in_flight}, limit {limit}); retry in {retry_after_ms} ms")]
+    Overloaded {
+        in_flight: usize,
+        limit: usize,
+        retry_after_ms: u64,
+    },
+    /// The coordinator is stopping; the transaction's outcome, if it started, is unknown to
+    /// this caller (retry with the same id to learn it).
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl CoordinatorError {
+    /// Whether the same call may succeed if retried unchanged.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CoordinatorError::Overloaded { .. } | CoordinatorError::ShuttingDown => true,
+            CoordinatorError::InvalidArgument(_)
+            | CoordinatorError::AlreadyExists { .. }
+            | CoordinatorError::NotFound { .. }
+            | CoordinatorError::Log(_) => false,
+        }
+    }
+
+    /// The gRPC status this error is reported as.
+    pub fn to_status(&self) -> tonic::Status {
+        let message = self.to_string();
+        match self {
+            CoordinatorError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            CoordinatorError::AlreadyExists { .. } => tonic::Status::already_exists(message),
+            CoordinatorError::NotFound { .. } => tonic::Status::not_found(message),
+            CoordinatorError::Overloaded { .. } => tonic::Status::resource_exhausted(message),
+            CoordinatorError::ShuttingDown => tonic::Status::unavailable(message),
+            CoordinatorError::Log(_) => tonic::Status::internal(message),
+        }
+    }
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(e: CoordinatorError) -> Self {
+        e.to_status()
+    }
+}

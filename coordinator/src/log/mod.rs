@@ -1,0 +1,61 @@
+//! The coordinator's durable transaction log: a storage trait and its implementations.
+//!
+//! Contract of [`TxnLog`] (every implementation passes the shared suite in `conformance`):
+//! - `put` replaces the transaction's record and is visible to `get` and `scan` as soon as it
+//!   returns; it is **not** durable yet.
+//! - Writes are ordered: a `flush` makes durable every `put` that returned before it was
+//!   called. After a crash, the log holds, for each transaction, either its latest flushed
+//!   record or a later one (never an older one than the last flushed).
+//! - `flush` shares work between concurrent callers (group commit); it never costs one device
+//!   sync per caller under load.
+//! - `scan` returns every record in transaction-id order (deterministic recovery).
+//!
+//! Implementations: [`sled_log::SledLog`] (the embedded default: sled plus the group-commit
+//! flusher that fdatasyncs) and [`mem_log::MemLog`] (in memory, with a `crash` that drops what
+//! was not flushed, for tests and simulation).
+
+pub mod mem_log;
+pub mod record;
+pub mod sled_log;
+
+#[cfg(test)]
+mod conformance;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tandem_common::TxnId;
+
+use record::TxnRecord;
+
+/// A failure of the log's storage. Any of these means the coordinator can no longer prove
+/// what it wrote; the runtime stops rather than guess.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("stored record of {txn} cannot be read: {source}")]
+    Corrupt {
+        txn: String,
+        source: tandem_common::CodecError,
+    },
+    #[error(transparent)]
+    Flush(#[from] tandem_common::FlushError),
+}
+
+/// A pending flush: resolves once everything put before it was created is durable.
+pub type FlushFuture = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send>>;
+
+/// The coordinator's log of transactions (see the module documentation for the contract).
+pub trait TxnLog: Send + Sync + 'static {
+    /// Writes (replaces) the record of `txn`. Visible at once; durable after a later flush.
+    fn put(&self, txn: &TxnId, record: &TxnRecord) -> Result<(), LogError>;
+    /// Makes every `put` that returned before this call durable.
+    fn flush(&self) -> FlushFuture;
+    /// The record of `txn`, if any.
+    fn get(&self, txn: &TxnId) -> Result<Option<TxnRecord>, LogError>;
+    /// Every record, in transaction-id order.
+    fn scan(&self) -> Result<Vec<(TxnId, TxnRecord)>, LogError>;
+    /// How many bytes the log occupies on disk (0 where that means nothing).
+    fn size_on_disk(&self) -> u64;
+}

@@ -1,0 +1,70 @@
+//! The coordinator's stored record of one transaction: one key (the transaction id), one
+//! value, replaced as the transaction moves on.
+//!
+//! Payloads are never stored: after prepare the coordinator needs only where each branch is,
+//! so a record stays small (well under `tandem_common::RECORD_BYTES_MAX`) even with the
+//! maximum number of branches.
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::types::{BranchPhase, BranchTarget, Decision};
+
+/// A digest of a transaction's branches (targets and payloads), to tell a client's retry
+/// (same id, same branches) from a conflicting reuse of the id.
+pub type Fingerprint = [u8; 32];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnRecord {
+    /// Prepare requests are going out. Not forced: if it is lost, presumed abort covers it.
+    /// Found at recovery, it means "undecided": the transaction is aborted.
+    Preparing {
+        branches: Vec<BranchTarget>,
+        fingerprint: Fingerprint,
+        created_ms: u64,
+    },
+    /// The decision. Forced before anyone hears of it: this write is the commit point.
+    /// Found at recovery, the decision is delivered again to every branch.
+    Decided {
+        decision: Decision,
+        branches: Vec<BranchTarget>,
+        fingerprint: Fingerprint,
+        decided_ms: u64,
+    },
+    /// Every participant acknowledged. Kept so retries and status queries are answered.
+    Finished {
+        decision: Decision,
+        branches: Vec<BranchTarget>,
+        branch_phases: Vec<BranchPhase>,
+        fingerprint: Fingerprint,
+        finished_ms: u64,
+    },
+}
+
+impl TxnRecord {
+    pub fn fingerprint(&self) -> &Fingerprint {
+        match self {
+            TxnRecord::Preparing { fingerprint, .. }
+            | TxnRecord::Decided { fingerprint, .. }
+            | TxnRecord::Finished { fingerprint, .. } => fingerprint,
+        }
+    }
+
+    pub fn branches(&self) -> &[BranchTarget] {
+        match self {
+            TxnRecord::Preparing { branches, .. }
+            | TxnRecord::Decided { branches, .. }
+            | TxnRecord::Finished { branches, .. } => branches,
+        }
+    }
+
+    /// The decision, if this record holds one (a `Decided` record is durable by the time
+    /// anyone can read it through the engine's rules).
+    pub fn decision(&self) -> Option<&Decision> {
+        match self {
+            TxnRecord::Preparing { .. } => None,
+            TxnRecord::Decided { decision, .. } | TxnRecord::Finished { decision, .. } => {
+                Some(decision)
+            }
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The runtime: the one task that owns the [`Engine`] and carries out its effects.
+//!
+//! Everything that touches the engine goes through this task's channels: gRPC handlers send a
+//! command with a reply sender; the tasks it spawns (participant calls, flushes, timers) send
+//! their results back as events. The engine therefore never sits behind a lock, and events
+//! reach it one at a time, in the order the task receives them.
+//!
+//! Carrying out effects:
+//! - `Persist`: written to the log at once; if forced, a flush is requested and its completion
+//!   comes back as `DecisionDurable`. A failed flush stops the process (see
+//!   `tandem_common::group_commit` on why a failed fsync cannot be retried).
+//! - `SendPrepare` / `SendDecision`: a spawned gRPC call whose answer comes back as an event.
+//! - `SetTimer`: a spawned sleep that comes back as `TimerFired`.
+//! - `Reply`: answers every client waiting on the transaction.
+//!
+//! Start-up runs recovery before the first command is taken: every record in the log that is
+//! not finished is handed to the engine as `Recovered`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_common::crash::crash_point;
+use tandem_common::{unix_now_ms, TxnId};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::config::CoordinatorConfig;
+use crate::engine::types::{BranchSpec, Decision, Outcome, TxnPhase, TxnStatus};
+use crate::engine::{Durability, Effect, Engine, EngineConfig, Event};
+use crate::error::CoordinatorError;
+use crate::log::record::{Fingerprint, TxnRecord};
+use crate::log::TxnLog;
+use crate::transport::{DecisionCall, ParticipantTransport, PrepareCall};
+
+/// How many client commands may queue for the runtime before callers wait.
+const COMMAND_QUEUE_MAX: usize = 4096;
+/// How many queued commands or events the loop takes per wake-up.
+const LOOP_BATCH_MAX: usize = 256;
+
+type OutcomeReply = oneshot::Sender<Result<Outcome, CoordinatorError>>;
+
+/// A client's request, validated at the edge.
+#[derive(Debug)]
+pub struct ExecuteRequest {
+    pub txn: TxnId,
+    pub branches: Vec<BranchSpec>,
+    pub fingerprint: Fingerprint,
+    pub timeout_ms: u64,
+}
+
+/// What a participant asking about its branch is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueriedOutcome {
+    Committed,
+    Aborted,
+    Pending,
+}
+
+enum Command {
+    Execute {
+        request: ExecuteRequest,
+        reply: OutcomeReply,
+    },
+    Status {
+        txn: TxnId,
+        reply: oneshot::Sender<Result<Option<TxnStatus>, CoordinatorError>>,
+    },
+    QueryOutcome {
+        txn: TxnId,
+        reply: oneshot::Sender<Result<QueriedOutcome, CoordinatorError>>,
+    },
+    InFlight {
+        reply: oneshot::Sender<usize>,
+    },
+}
+
+/// The handle gRPC handlers use to talk to the runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct CoordinatorHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl CoordinatorHandle {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, CoordinatorError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| CoordinatorError::ShuttingDown)?;
+        answer.await.map_err(|_| CoordinatorError::ShuttingDown)
+    }
+
+    /// Runs (or joins, for a retry) a transaction and waits for its durable outcome.
+    pub async fn execute(&self, request: ExecuteRequest) -> Result<Outcome, CoordinatorError> {
+        self.call(|reply| Command::Execute { request, reply })
+            .await?
+    }
+
+    /// The status of a transaction, in flight or in the log.
+    pub async fn status(&self, txn: TxnId) -> Result<Option<TxnStatus>, CoordinatorError> {
+        self.call(|reply| Command::Status { txn, reply }).await?
+    }
+
+    /// The outcome as a participant holding a prepared branch may learn it.
+    pub async fn query_outcome(&self, txn: TxnId) -> Result<QueriedOutcome, CoordinatorError> {
+        self.call(|reply| Command::QueryOutcome { txn, reply })
+            .await?
+    }
+
+    /// How many transactions are in flight.
+    pub async fn in_flight(&self) -> Result<usize, CoordinatorError> {
+        self.call(|reply| Command::InFlight { reply }).await
+    }
+}
+
+/// Starts the runtime: runs recovery, then serves commands until every handle is dropped.
+/// Returns the handle and the task, which ends once the last handle is gone.
+pub fn start(
+    log: Arc<dyn TxnLog>,
+    transport: Arc<dyn ParticipantTransport>,
+    config: CoordinatorConfig,
+) -> Result<(CoordinatorHandle, tokio::task::JoinHandle<()>), CoordinatorError> {
+    let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE_MAX);
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let engine = Engine::new(
+        EngineConfig {
+            redelivery_backoff: config.redelivery_backoff,
+        },
+        config.rng_seed,
+    );
+    let mut runtime = Runtime {
+        engine,
+        log,
+        transport,
+        config,
+        waiters: HashMap::new(),
+        events_tx,
+    };
+    runtime.recover()?;
+    let task = tokio::spawn(async move { runtime.run(commands, events).await });
+    Ok((
+        CoordinatorHandle {
+            commands: commands_tx,
+        },
+        task,
+    ))
+}
+
+struct Runtime {
+    engine: Engine,
+    log: Arc<dyn TxnLog>,
+    transport: Arc<dyn ParticipantTransport>,
+    config: CoordinatorConfig,
+    /// Clients waiting for a transaction's outcome (the first caller and any retries).
+    waiters: HashMap<TxnId, Vec<OutcomeReply>>,
+    events_tx: mpsc::UnboundedSender<Event>,
+}
+
+/// Stops the process: the log can no longer prove what it wrote.
+fn fatal(what: &str, error: &dyn std::fmt::Display) -> ! {
+    tracing::error!(%error, "{what}; stopping so that recovery starts from what is on disk");
+    eprintln!("tandem: fatal: {what}: {error}");
+    std::process::abort();
+}
+
+impl Runtime {
+    fn recover(&mut self) -> Result<(), CoordinatorError> {
+        let now = unix_now_ms();
+        let mut recovered = 0usize;
+        for (txn, record) in self.log.scan()? {
+            if matches!(record, TxnRecord::Finished { .. }) {
+                continue;
+            }
+            let span = tracing::info_span!("recover", txn = %txn);
+            let _enter = span.enter();
+            tracing::info!(record = ?record, "recovering");
+            let effects = self.engine.step(now, Event::Recovered { txn, record });
+            self.apply(effects);
+            recovered += 1;
+        }
+        tracing::info!(recovered, "recovery done");
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) {
+        let mut command_batch = Vec::with_capacity(LOOP_BATCH_MAX);
+        let mut event_batch = Vec::with_capacity(LOOP_BATCH_MAX);
+        loop {
+            tokio::select! {
+                biased;
+                n = events.recv_many(&mut event_batch, LOOP_BATCH_MAX) => {
+                    debug_assert!(n > 0, "the runtime holds a sender, so events never close");
+                    for event in event_batch.drain(..) {
+                        self.on_event(event);
+                    }
+                }
+                n = commands.recv_many(&mut command_batch, LOOP_BATCH_MAX) => {
+                    if n == 0 {
+                        break; // every handle is gone
+                    }
+                    for command in command_batch.drain(..) {
+                        self.on_command(command);
+                    }
+                }
+            }
+        }
+        for (_, waiters) in self.waiters.drain() {
+            for waiter in waiters {
+                let _ = waiter.send(Err(CoordinatorError::ShuttingDown));
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let effects = self.engine.step(unix_now_ms(), event);
+        self.apply(effects);
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Execute { request, reply } => self.on_execute(request, reply),
+            Command::Status { txn, reply } => {
+                let status = match self.engine.status(&txn) {
+                    Some(status) => Ok(Some(status)),
+                    None => self
+                        .log
+                        .get(&txn)
+                        .map(|r| r.map(status_of_record))
+                        .map_err(Into::into),
+                };
+                let _ = reply.send(status);
+            }
+            Command::QueryOutcome { txn, reply } => {
+                let outcome = match self.engine.lookup(&txn) {
+                    Some((_, Some(decision))) => Ok(queried(decision)),
+                    Some((_, None)) => Ok(QueriedOutcome::Pending),
+                    None => match self.log.get(&txn) {
+                        Ok(Some(record)) => {
+                            Ok(record.decision().map(queried).unwrap_or_else(|| {
+                                panic!("{txn}: undecided record in the log but not in flight")
+                            }))
+                        }
+                        // Presumed abort: no record means it never committed.
+                        Ok(None) => Ok(QueriedOutcome::Aborted),
+                        Err(e) => Err(e.into()),
+                    },
+                };
+                let _ = reply.send(outcome);
+            }
+            Command::InFlight { reply } => {
+                let _ = reply.send(self.engine.in_flight());
+            }
+        }
+    }
+
+    fn on_execute(&mut self, request: ExecuteRequest, reply: OutcomeReply) {
+        let txn = request.txn.clone();
+        // A retry of a transaction in flight joins it.
+        if let Some((fingerprint, decision)) = self.engine.lookup(&txn) {
+            if *fingerprint != request.fingerprint {
+                let _ = reply.send(Err(CoordinatorError::AlreadyExists {
+                    txn: txn.to_string(),
+                }));
+            } else if let Some(decision) = decision {
+                let _ = reply.send(Ok(decision.outcome()));
+            } else {
+                self.waiters.entry(txn).or_default().push(reply);
+            }
+            return;
+        }
+        // A retry of a decided transaction gets the recorded outcome.
+        match self.log.get(&txn) {
+            Ok(Some(record)) => {
+                let answer = if *record.fingerprint() != request.fingerprint {
+                    Err(CoordinatorError::AlreadyExists {
+                        txn: txn.to_string(),
+                    })
+                } else {
+                    let decision = record.decision().unwrap_or_else(|| {
+                        panic!("{txn}: undecided record in the log but not in flight")
+                    });
+                    Ok(decision.outcome())
+                };
+                let _ = reply.send(answer);
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        }
+        let in_flight = self.engine.in_flight();
+        if in_flight >= self.config.txn_in_flight_max {
+            let _ = reply.send(Err(CoordinatorError::Overloaded {
+                in_flight,
+                limit: self.config.txn_in_flight_max,
+                retry_after_ms: 100,
+            }));
+            return;
+        }
+        let now = unix_now_ms();
+        self.waiters.entry(txn.clone()).or_default().push(reply);
+        let effects = self.engine.step(
+            now,
+            Event::Begin {
+                txn,
+                branches: request.branches,
+                fingerprint: request.fingerprint,
+                deadline_ms: now + request.timeout_ms,
+            },
+        );
+        self.apply(effects);
+    }
+
+    fn apply(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Persist {
+                    txn,
+                    record,
+                    durability,
+                } => self.persist(txn, record, durability),
+                Effect::SendPrepare {
+                    txn,
+                    branch,
+                    target,
+                    payload,
+                    deadline_ms,
+                } => {
+                    let remaining = deadline_ms.saturating_sub(unix_now_ms()).max(1);
+                    let call = PrepareCall {
+                        txn: txn.clone(),
+                        branch,
+                        target,
+                        payload,
+                        coordinator: self.config.advertise.clone(),
+                        timeout: Duration::from_millis(remaining),
+                    };
+                    let answer = self.transport.prepare(call);
+                    let events = self.events_tx.clone();
+                    let span = tracing::debug_span!("prepare", txn = %txn, %branch);
+                    tokio::spawn(
+                        async move {
+                            let event = match answer.await {
+                                Ok(vote) => Event::Voted { txn, branch, vote },
+                                Err(e) => Event::PrepareFailed {
+                                    txn,
+                                    branch,
+                                    error: e.0,
+                                },
+                            };
+                            let _ = events.send(event);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Effect::SendDecision {
+                    txn,
+                    branch,
+                    target,
+                    commit,
+                } => {
+                    let call = DecisionCall {
+                        txn: txn.clone(),
+                        branch,
+                        target,
+                        commit,
+                        timeout: self.config.decision_call_timeout(),
+                    };
+                    let answer = self.transport.deliver(call);
+                    let events = self.events_tx.clone();
+                    let span = tracing::debug_span!("deliver", txn = %txn, %branch, commit);
+                    tokio::spawn(
+                        async move {
+                            let event = match answer.await {
+                                Ok(()) => Event::Acknowledged { txn, branch },
+                                Err(e) => {
+                                    tracing::debug!(error = %e.0, "decision not acknowledged; will redeliver");
+                                    Event::DeliveryFailed { txn, branch, error: e.0 }
+                                }
+                            };
+                            let _ = events.send(event);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Effect::SetTimer { txn, timer, at_ms } => {
+                    let delay = Duration::from_millis(at_ms.saturating_sub(unix_now_ms()));
+                    let events = self.events_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = events.send(Event::TimerFired { txn, timer });
+                    });
+                }
+                Effect::Reply { txn, outcome } => {
+                    tracing::debug!(txn = %txn, ?outcome, "outcome durable; replying");
+                    for waiter in self.waiters.remove(&txn).unwrap_or_default() {
+                        let _ = waiter.send(Ok(outcome.clone()));
+                    }
+                }
+                Effect::Finished { txn } => {
+                    debug_assert!(
+                        !self.waiters.contains_key(&txn),
+                        "{txn} finished with clients still waiting"
+                    );
+                    tracing::debug!(txn = %txn, "finished");
+                }
+            }
+        }
+    }
+
+    fn persist(&mut self, txn: TxnId, record: TxnRecord, durability: Durability) {
+        let deciding = matches!(record, TxnRecord::Decided { .. });
+        if deciding {
+            crash_point("coordinator.before_decision_persisted");
+        }
+        if let Err(e) = self.log.put(&txn, &record) {
+            fatal("writing to the transaction log failed", &e);
+        }
+        match durability {
+            Durability::Lazy => {}
+            Durability::Forced => {
+                debug_assert!(deciding, "only decisions are forced");
+                let flush = self.log.flush();
+                let events = self.events_tx.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = flush.await {
+                        fatal("forcing a decision to disk failed", &e);
+                    }
+                    crash_point("coordinator.after_decision_persisted");
+                    let _ = events.send(Event::DecisionDurable { txn });
+                });
+            }
+        }
+    }
+}
+
+fn queried(decision: &Decision) -> QueriedOutcome {
+    match decision {
+        Decision::Commit => QueriedOutcome::Committed,
+        Decision::Abort { .. } => QueriedOutcome::Aborted,
+    }
+}
+
+/// The status of a transaction that is not in flight, from its stored record.
+fn status_of_record(record: TxnRecord) -> TxnStatus {
+    use crate::engine::types::{BranchPhase, BranchStatus};
+    let status = |branches: &[crate::engine::types::BranchTarget],
+                  phases: Option<&[BranchPhase]>| {
+        branches
+            .iter()
+            .enumerate()
+            .map(|(i, target)| BranchStatus {
+                target: target.clone(),
+                phase: phases
+                    .map(|p| p[i].clone())
+                    .unwrap_or(BranchPhase::Preparing),
+                attempts: 0,
+                last_error: None,
+            })
+            .collect()
+    };
+    match &record {
+        TxnRecord::Preparing { branches, .. } => TxnStatus {
+            phase: TxnPhase::Preparing,
+            decision: None,
+            branches: status(branches, None),
+        },
+        TxnRecord::Decided {
+            decision, branches, ..
+        } => TxnStatus {
+            phase: TxnPhase::Delivering,
+            decision: Some(decision.clone()),
+            branches: status(branches, None),
+        },
+        TxnRecord::Finished {
+            decision,
+            branches,
+            branch_phases,
+            ..
+        } => TxnStatus {
+            phase: TxnPhase::Finished,
+            decision: Some(decision.clone()),
+            branches: status(branches, Some(branch_phases)),
+        },
+    }
+}

@@ -1,0 +1,416 @@
+//! The `tandem.v1.Coordinator` gRPC service: the edge where requests are validated and prost
+//! messages become engine types (and back), once.
+//!
+//! Every limit from [`crate::config`] is checked here, before anything is started or
+//! written; a violation is `INVALID_ARGUMENT` with a message naming the field and the limit.
+
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use tandem_common::{unix_now_ms, TxnId};
+use tandem_proto::v1 as pb;
+use tonic::codegen::http::Uri;
+use tonic::{Request, Response, Status};
+
+use crate::config::{
+    CoordinatorConfig, BRANCHES_MAX, PARTICIPANT_ADDR_LEN_MAX, PAYLOAD_BYTES_MAX,
+    RESOURCE_NAME_LEN_MAX,
+};
+use crate::engine::types::{BranchPhase, BranchSpec, BranchTarget, Decision, Outcome, TxnPhase};
+use crate::error::CoordinatorError;
+use crate::log::record::Fingerprint;
+use crate::runtime::{CoordinatorHandle, ExecuteRequest, QueriedOutcome};
+
+/// The gRPC service, a thin shell over the runtime's handle.
+pub struct CoordinatorService {
+    handle: CoordinatorHandle,
+    config: CoordinatorConfig,
+}
+
+impl CoordinatorService {
+    pub fn new(handle: CoordinatorHandle, config: CoordinatorConfig) -> Self {
+        CoordinatorService { handle, config }
+    }
+
+    pub fn into_server(self) -> pb::coordinator_server::CoordinatorServer<Self> {
+        pb::coordinator_server::CoordinatorServer::new(self)
+    }
+}
+
+fn invalid(message: String) -> CoordinatorError {
+    CoordinatorError::InvalidArgument(message)
+}
+
+/// Normalises a participant address to `http://host:port`, refusing anything else.
+pub fn normalize_participant(address: &str) -> Result<String, CoordinatorError> {
+    if address.is_empty() {
+        return Err(invalid("branch participant address is empty".into()));
+    }
+    if address.len() > PARTICIPANT_ADDR_LEN_MAX {
+        return Err(invalid(format!(
+            "participant address is {} bytes long; at most {PARTICIPANT_ADDR_LEN_MAX} are allowed",
+            address.len()
+        )));
+    }
+    let with_scheme = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let bad = |why: &str| {
+        invalid(format!("participant address {address:?} is not usable: {why} (expected host:port or http://host:port)"))
+    };
+    let uri: Uri = with_scheme.parse().map_err(|_| bad("not a valid URI"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(bad("only the http scheme is supported"));
+    }
+    let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+    if authority.host().is_empty() {
+        return Err(bad("no host"));
+    }
+    let port = authority.port_u16().ok_or_else(|| bad("no port"))?;
+    if port == 0 {
+        return Err(bad("port 0"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("a path or query is not allowed"));
+    }
+    Ok(format!("http://{}:{port}", authority.host()))
+}
+
+fn validate_resource(resource: &str) -> Result<(), CoordinatorError> {
+    if resource.len() > RESOURCE_NAME_LEN_MAX {
+        return Err(invalid(format!(
+            "resource name is {} bytes long; at most {RESOURCE_NAME_LEN_MAX} are allowed",
+            resource.len()
+        )));
+    }
+    if !resource
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+    {
+        return Err(invalid(format!(
+            "resource name {resource:?} may only hold [A-Za-z0-9_.-]"
+        )));
+    }
+    Ok(())
+}
+
+/// The digest that tells a retry (same branches) from a conflicting reuse of an id.
+pub fn fingerprint(branches: &[BranchSpec]) -> Fingerprint {
+    let mut hasher = Sha256::new();
+    hasher.update((branches.len() as u64).to_le_bytes());
+    for branch in branches {
+        for part in [
+            branch.target.participant.as_bytes(),
+            branch.target.resource.as_bytes(),
+            &branch.payload,
+        ] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+    }
+    hasher.finalize().into()
+}
+
+/// Validates a client-supplied id against the age window, or makes a fresh one.
+pub fn validate_txn_id(
+    id: &str,
+    config: &CoordinatorConfig,
+    now_ms: u64,
+) -> Result<TxnId, CoordinatorError> {
+    if id.is_empty() {
+        return Ok(TxnId::generate(now_ms));
+    }
+    let txn = TxnId::parse(id).map_err(|e| invalid(e.to_string()))?;
+    let created = txn.created_ms();
+    if created + config.txn_id_age_ms_max < now_ms {
+        return Err(invalid(format!(
+            "transaction id {txn} was created {} ms ago; ids older than {} ms are refused so that no id is ever reused",
+            now_ms - created,
+            config.txn_id_age_ms_max
+        )));
+    }
+    if created > now_ms + config.txn_id_future_ms_max {
+        return Err(invalid(format!(
+            "transaction id {txn} is dated {} ms in the future; at most {} ms of clock skew is allowed",
+            created - now_ms,
+            config.txn_id_future_ms_max
+        )));
+    }
+    Ok(txn)
+}
+
+/// Validates an `Execute2pc` request into the runtime's form. Changes nothing.
+pub fn validate_execute(
+    request: pb::Execute2pcRequest,
+    config: &CoordinatorConfig,
+    now_ms: u64,
+) -> Result<ExecuteRequest, CoordinatorError> {
+    if request.branches.is_empty() {
+        return Err(invalid(
+            "a transaction needs at least one branch; none were given".into(),
+        ));
+    }
+    if request.branches.len() > BRANCHES_MAX {
+        return Err(invalid(format!(
+            "{} branches given; at most {BRANCHES_MAX} are allowed",
+            request.branches.len()
+        )));
+    }
+    let timeout_ms = match request.timeout_ms {
+        0 => config.prepare_timeout_ms_default,
+        t if t > config.prepare_timeout_ms_max => {
+            return Err(invalid(format!(
+                "timeout_ms {t} is out of range: at most {} (0 means the default, {})",
+                config.prepare_timeout_ms_max, config.prepare_timeout_ms_default
+            )))
+        }
+        t => t,
+    };
+    let mut branches = Vec::with_capacity(request.branches.len());
+    for (i, branch) in request.branches.into_iter().enumerate() {
+        let participant = normalize_participant(&branch.participant)
+            .map_err(|e| invalid(format!("branch #{i}: {e}")))?;
+        validate_resource(&branch.resource).map_err(|e| invalid(format!("branch #{i}: {e}")))?;
+        if branch.payload.len() > PAYLOAD_BYTES_MAX {
+            return Err(invalid(format!(
+                "branch #{i}: payload is {} bytes; at most {PAYLOAD_BYTES_MAX} are allowed",
+                branch.payload.len()
+            )));
+        }
+        branches.push(BranchSpec {
+            target: BranchTarget {
+                participant,
+                resource: branch.resource,
+            },
+            payload: branch.payload,
+        });
+    }
+    let txn = validate_txn_id(&request.txn_id, config, now_ms)?;
+    let fingerprint = fingerprint(&branches);
+    Ok(ExecuteRequest {
+        txn,
+        branches,
+        fingerprint,
+        timeout_ms,
+    })
+}
+
+fn parse_existing_id(id: &str) -> Result<TxnId, Status> {
+    TxnId::parse(id).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn outcome_to_pb(outcome: &Outcome) -> (pb::Outcome, String) {
+    match outcome {
+        Outcome::Committed => (pb::Outcome::Committed, String::new()),
+        Outcome::Aborted { reason } => (pb::Outcome::Aborted, reason.clone()),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    async fn execute2pc(
+        &self,
+        request: Request<pb::Execute2pcRequest>,
+    ) -> Result<Response<pb::Execute2pcResponse>, Status> {
+        let started = Instant::now();
+        let request = validate_execute(request.into_inner(), &self.config, unix_now_ms())?;
+        let txn = request.txn.clone();
+        let span =
+            tracing::info_span!("execute_2pc", txn = %txn, branches = request.branches.len());
+        let _enter = span.enter();
+        let outcome = self.handle.execute(request).await?;
+        tracing::debug!(
+            ?outcome,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "answered"
+        );
+        let (outcome, reason) = outcome_to_pb(&outcome);
+        Ok(Response::new(pb::Execute2pcResponse {
+            txn_id: txn.to_string(),
+            outcome: outcome as i32,
+            reason,
+        }))
+    }
+
+    async fn get_transaction(
+        &self,
+        request: Request<pb::GetTransactionRequest>,
+    ) -> Result<Response<pb::GetTransactionResponse>, Status> {
+        let txn = parse_existing_id(&request.into_inner().txn_id)?;
+        let status =
+            self.handle
+                .status(txn.clone())
+                .await?
+                .ok_or_else(|| CoordinatorError::NotFound {
+                    txn: txn.to_string(),
+                })?;
+        let (outcome, reason) = match &status.decision {
+            Some(decision) => outcome_to_pb(&decision.outcome()),
+            None => (pb::Outcome::Pending, String::new()),
+        };
+        let commit = matches!(status.decision, Some(Decision::Commit));
+        let phase = match status.phase {
+            TxnPhase::Preparing | TxnPhase::Deciding => pb::TxnPhase::Preparing,
+            TxnPhase::Delivering if commit => pb::TxnPhase::Committing,
+            TxnPhase::Delivering => pb::TxnPhase::Aborting,
+            TxnPhase::Finished if commit => pb::TxnPhase::Committed,
+            TxnPhase::Finished => pb::TxnPhase::Aborted,
+        };
+        let branches = status
+            .branches
+            .into_iter()
+            .map(|b| pb::BranchStatus {
+                branch: Some(pb::Branch {
+                    participant: b.target.participant,
+                    resource: b.target.resource,
+                    payload: Vec::new(),
+                }),
+                phase: match b.phase {
+                    BranchPhase::Preparing => pb::BranchPhase::Preparing,
+                    BranchPhase::VotedYes => pb::BranchPhase::VotedYes,
+                    BranchPhase::VotedNo => pb::BranchPhase::VotedNo,
+                    BranchPhase::Acknowledged if commit => pb::BranchPhase::Committed,
+                    BranchPhase::Acknowledged => pb::BranchPhase::Aborted,
+                } as i32,
+                attempts: b.attempts,
+                last_error: b.last_error.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::GetTransactionResponse {
+            txn_id: txn.to_string(),
+            phase: phase as i32,
+            outcome: outcome as i32,
+            reason,
+            branches,
+        }))
+    }
+
+    async fn query_outcome(
+        &self,
+        request: Request<pb::QueryOutcomeRequest>,
+    ) -> Result<Response<pb::QueryOutcomeResponse>, Status> {
+        let request = request.into_inner();
+        let txn = parse_existing_id(&request.txn_id)?;
+        let outcome = match self.handle.query_outcome(txn).await? {
+            QueriedOutcome::Committed => pb::Outcome::Committed,
+            QueriedOutcome::Aborted => pb::Outcome::Aborted,
+            QueriedOutcome::Pending => pb::Outcome::Pending,
+        };
+        Ok(Response::new(pb::QueryOutcomeResponse {
+            outcome: outcome as i32,
+        }))
+    }
+
+    async fn ping(
+        &self,
+        _request: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
+        Ok(Response::new(pb::PingResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> CoordinatorConfig {
+        CoordinatorConfig::new("http://127.0.0.1:7400")
+    }
+
+    fn branch(participant: &str, payload: Vec<u8>) -> pb::Branch {
+        pb::Branch {
+            participant: participant.into(),
+            resource: "bank".into(),
+            payload,
+        }
+    }
+
+    const NOW: u64 = 1_763_850_000_000;
+
+    fn request(branches: Vec<pb::Branch>) -> pb::Execute2pcRequest {
+        pb::Execute2pcRequest {
+            txn_id: String::new(),
+            branches,
+            timeout_ms: 0,
+        }
+    }
+
+    fn rejected(req: pb::Execute2pcRequest) -> String {
+        match validate_execute(req, &config(), NOW) {
+            Err(CoordinatorError::InvalidArgument(m)) => m,
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn participant_addresses_are_normalised_or_refused_by_name() {
+        assert_eq!(
+            normalize_participant("127.0.0.1:7401").unwrap(),
+            "http://127.0.0.1:7401"
+        );
+        assert_eq!(
+            normalize_participant("http://localhost:9/").unwrap(),
+            "http://localhost:9"
+        );
+        assert_eq!(
+            normalize_participant("[::1]:80").unwrap(),
+            "http://[::1]:80"
+        );
+        for bad in [
+            "",
+            "localhost",
+            "https://a:1",
+            "a:0",
+            "a:1/path",
+            "a b:1",
+            "a:99999",
+        ] {
+            assert!(normalize_participant(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_a_message_naming_the_problem() {
+        assert!(rejected(request(vec![])).contains("at least one branch"));
+        let many = (0..65).map(|_| branch("a:1", vec![])).collect();
+        assert!(rejected(request(many)).contains("at most 64"));
+        assert!(
+            rejected(request(vec![branch("a:1", vec![0; PAYLOAD_BYTES_MAX + 1])]))
+                .contains("payload")
+        );
+        assert!(rejected(request(vec![branch("nohost", vec![])])).contains("branch #0"));
+        let mut long_resource = request(vec![branch("a:1", vec![])]);
+        long_resource.branches[0].resource = "r".repeat(65);
+        assert!(rejected(long_resource).contains("resource name"));
+        let mut timeout = request(vec![branch("a:1", vec![])]);
+        timeout.timeout_ms = 300_001;
+        assert!(rejected(timeout).contains("timeout_ms"));
+        let mut bad_id = request(vec![branch("a:1", vec![])]);
+        bad_id.txn_id = "not-an-id".into();
+        assert!(rejected(bad_id).contains("not of the form"));
+        let mut old_id = request(vec![branch("a:1", vec![])]);
+        old_id.txn_id = format!("{}-old", NOW - 8 * 24 * 3600 * 1000);
+        assert!(rejected(old_id).contains("no id is ever reused"));
+        let mut future_id = request(vec![branch("a:1", vec![])]);
+        future_id.txn_id = format!("{}-future", NOW + 3600 * 1000);
+        assert!(rejected(future_id).contains("future"));
+    }
+
+    #[test]
+    fn valid_requests_get_defaults_and_a_fingerprint_that_sees_every_field() {
+        let valid =
+            validate_execute(request(vec![branch("a:1", vec![1])]), &config(), NOW).unwrap();
+        assert_eq!(valid.timeout_ms, 10_000);
+        assert_eq!(valid.txn.created_ms(), NOW);
+        let base = fingerprint(&valid.branches);
+        let mut other_payload = valid.branches.clone();
+        other_payload[0].payload = vec![2];
+        let mut other_resource = valid.branches.clone();
+        other_resource[0].target.resource = "x".into();
+        assert_ne!(base, fingerprint(&other_payload));
+        assert_ne!(base, fingerprint(&other_resource));
+        assert_eq!(base, fingerprint(&valid.branches.clone()));
+    }
+}

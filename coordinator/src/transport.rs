@@ -1,0 +1,152 @@
+//! How the coordinator reaches participants: a trait, and its gRPC implementation.
+//!
+//! The runtime only ever calls [`ParticipantTransport`]; tests plug in their own. The gRPC
+//! implementation keeps one lazily connected tonic channel per participant address (HTTP/2
+//! multiplexes every concurrent call over it) and bounds every call with a timeout.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tandem_common::{BranchIdx, TxnId};
+use tandem_proto::v1 as pb;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::engine::types::{BranchTarget, Vote};
+
+/// Why a call to a participant got no usable answer. The coordinator cannot tell whether the
+/// participant acted on the request.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct TransportError(pub String);
+
+pub type CallFuture<T> = Pin<Box<dyn Future<Output = Result<T, TransportError>> + Send>>;
+
+/// A prepare request for one branch.
+#[derive(Debug, Clone)]
+pub struct PrepareCall {
+    pub txn: TxnId,
+    pub branch: BranchIdx,
+    pub target: BranchTarget,
+    pub payload: Vec<u8>,
+    /// Where the participant can ask this coordinator for the outcome.
+    pub coordinator: String,
+    pub timeout: Duration,
+}
+
+/// A decision for one branch.
+#[derive(Debug, Clone)]
+pub struct DecisionCall {
+    pub txn: TxnId,
+    pub branch: BranchIdx,
+    pub target: BranchTarget,
+    pub commit: bool,
+    pub timeout: Duration,
+}
+
+pub trait ParticipantTransport: Send + Sync + 'static {
+    fn prepare(&self, call: PrepareCall) -> CallFuture<Vote>;
+    fn deliver(&self, call: DecisionCall) -> CallFuture<()>;
+}
+
+/// The gRPC transport: `tandem.v1.Participant` over tonic.
+#[derive(Default)]
+pub struct GrpcTransport {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl GrpcTransport {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn client(
+        &self,
+        participant: &str,
+    ) -> Result<pb::participant_client::ParticipantClient<Channel>, TransportError> {
+        let mut channels = self.channels.lock().unwrap();
+        let channel = match channels.get(participant) {
+            Some(channel) => channel.clone(),
+            None => {
+                let endpoint = Endpoint::from_shared(participant.to_string())
+                    .map_err(|e| {
+                        TransportError(format!("bad participant address {participant:?}: {e}"))
+                    })?
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true);
+                let channel = endpoint.connect_lazy();
+                channels.insert(participant.to_string(), channel.clone());
+                channel
+            }
+        };
+        Ok(pb::participant_client::ParticipantClient::new(channel))
+    }
+}
+
+fn status_error(participant: &str, status: tonic::Status) -> TransportError {
+    TransportError(format!(
+        "{participant}: {:?}: {}",
+        status.code(),
+        status.message()
+    ))
+}
+
+impl ParticipantTransport for GrpcTransport {
+    fn prepare(&self, call: PrepareCall) -> CallFuture<Vote> {
+        let client = self.client(&call.target.participant);
+        Box::pin(async move {
+            let mut client = client?;
+            let mut request = tonic::Request::new(pb::PrepareRequest {
+                txn_id: call.txn.to_string(),
+                branch: call.branch.0,
+                resource: call.target.resource.clone(),
+                payload: call.payload,
+                coordinator: call.coordinator,
+            });
+            request.set_timeout(call.timeout);
+            let answer = tokio::time::timeout(call.timeout, client.prepare(request))
+                .await
+                .map_err(|_| {
+                    TransportError(format!(
+                        "{}: prepare timed out after {:?}",
+                        call.target.participant, call.timeout
+                    ))
+                })?
+                .map_err(|s| status_error(&call.target.participant, s))?
+                .into_inner();
+            match pb::Vote::try_from(answer.vote) {
+                Ok(pb::Vote::Yes) => Ok(Vote::Yes),
+                Ok(pb::Vote::No) => Ok(Vote::No {
+                    reason: answer.reason,
+                }),
+                Ok(pb::Vote::Unspecified) | Err(_) => Err(TransportError(format!(
+                    "{}: prepare answered without a vote ({})",
+                    call.target.participant, answer.vote
+                ))),
+            }
+        })
+    }
+
+    fn deliver(&self, call: DecisionCall) -> CallFuture<()> {
+        let client = self.client(&call.target.participant);
+        Box::pin(async move {
+            let mut client = client?;
+            let mut request = tonic::Request::new(pb::DecisionRequest {
+                txn_id: call.txn.to_string(),
+                branch: call.branch.0,
+                resource: call.target.resource.clone(),
+            });
+            request.set_timeout(call.timeout);
+            let answer = if call.commit {
+                client.commit(request).await
+            } else {
+                client.abort(request).await
+            };
+            answer
+                .map(|_| ())
+                .map_err(|s| status_error(&call.target.participant, s))
+        })
+    }
+}

@@ -1,0 +1,79 @@
+//! The participant SDK's one error enum.
+//!
+//! Each variant maps to one gRPC status when the endpoint answers the coordinator, and says
+//! whether retrying can help.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request or argument is malformed; retrying the same call cannot succeed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request names a resource this participant does not host.
+    #[error("no resource named {0:?} is hosted by this participant")]
+    UnknownResource(String),
+    /// The request contradicts what the branch log recorded (for example a commit of a branch
+    /// that voted no): a protocol violation, reported and never acted on.
+    #[error("{0}")]
+    Conflict(String),
+    /// A transaction with this id exists with different branches.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The service's own code failed (not a business NO, which is a vote).
+    #[error("resource failed: {0}")]
+    Resource(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error(transparent)]
+    Flush(#[from] tandem_common::FlushError),
+    #[error(transparent)]
+    Codec(#[from] tandem_common::CodecError),
+    /// The coordinator (or a participant) could not be reached or did not answer in time.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The coordinator answered with another error status.
+    #[error("coordinator error {code:?}: {message}")]
+    Coordinator { code: tonic::Code, message: String },
+}
+
+impl Error {
+    /// Whether the same call may succeed if retried unchanged.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Unavailable(_) | Error::Storage(_) => true,
+            Error::Coordinator { code, .. } => {
+                matches!(
+                    code,
+                    tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+                )
+            }
+            Error::InvalidArgument(_)
+            | Error::UnknownResource(_)
+            | Error::Conflict(_)
+            | Error::AlreadyExists(_)
+            | Error::Resource(_)
+            | Error::Flush(_)
+            | Error::Codec(_) => false,
+        }
+    }
+
+    pub fn to_status(&self) -> tonic::Status {
+        let message = self.to_string();
+        match self {
+            Error::InvalidArgument(_) => tonic::Status::invalid_argument(message),
+            Error::UnknownResource(_) => tonic::Status::not_found(message),
+            Error::Conflict(_) => tonic::Status::failed_precondition(message),
+            Error::AlreadyExists(_) => tonic::Status::already_exists(message),
+            Error::Unavailable(_) => tonic::Status::unavailable(message),
+            Error::Coordinator { code, .. } => tonic::Status::new(*code, message),
+            Error::Resource(_) | Error::Storage(_) | Error::Flush(_) | Error::Codec(_) => {
+                tonic::Status::internal(message)
+            }
+        }
+    }
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
