@@ -10,13 +10,16 @@
 //!   comes back as `DecisionDurable`. A failed flush stops the process (see
 //!   `tandem_common::group_commit` on why a failed fsync cannot be retried).
 //! - `SendPrepare` / `SendDecision`: a spawned gRPC call whose answer comes back as an event.
-//! - `SetTimer`: a spawned sleep that comes back as `TimerFired`.
+//! - `SetTimer`: an entry in the loop's own timer queue (ordered by due time); the loop
+//!   sleeps until the earliest one and feeds `TimerFired`. No task per timer: most timers
+//!   (every prepare deadline of a transaction that decided in time) end up stale, and a stale
+//!   one then costs only its queue entry.
 //! - `Reply`: answers every client waiting on the transaction.
 //!
 //! Start-up runs recovery before the first command is taken: every record in the log that is
 //! not finished is handed to the engine as `Recovered`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +30,7 @@ use tracing::Instrument;
 
 use crate::config::CoordinatorConfig;
 use crate::engine::types::{BranchSpec, Decision, Outcome, TxnPhase, TxnStatus};
-use crate::engine::{Durability, Effect, Engine, EngineConfig, Event};
+use crate::engine::{Durability, Effect, Engine, EngineConfig, Event, Timer};
 use crate::error::CoordinatorError;
 use crate::log::record::{Fingerprint, TxnRecord};
 use crate::log::TxnLog;
@@ -138,6 +141,8 @@ pub fn start(
         transport,
         config,
         waiters: HashMap::new(),
+        timers: BTreeMap::new(),
+        timer_seq: 0,
         events_tx,
     };
     runtime.recover()?;
@@ -157,6 +162,9 @@ struct Runtime {
     config: CoordinatorConfig,
     /// Clients waiting for a transaction's outcome (the first caller and any retries).
     waiters: HashMap<TxnId, Vec<OutcomeReply>>,
+    /// Timers by (due time in ms since the epoch, sequence number for uniqueness).
+    timers: BTreeMap<(u64, u64), (TxnId, Timer)>,
+    timer_seq: u64,
     events_tx: mpsc::UnboundedSender<Event>,
 }
 
@@ -194,8 +202,19 @@ impl Runtime {
         let mut command_batch = Vec::with_capacity(LOOP_BATCH_MAX);
         let mut event_batch = Vec::with_capacity(LOOP_BATCH_MAX);
         loop {
+            let next_timer_ms = self.timers.first_key_value().map(|(&(at_ms, _), _)| at_ms);
+            let timer_due = async {
+                match next_timer_ms {
+                    Some(at_ms) => {
+                        let wait = Duration::from_millis(at_ms.saturating_sub(unix_now_ms()));
+                        tokio::time::sleep(wait).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
+                () = timer_due => self.fire_due_timers(),
                 n = events.recv_many(&mut event_batch, LOOP_BATCH_MAX) => {
                     debug_assert!(n > 0, "the runtime holds a sender, so events never close");
                     for event in event_batch.drain(..) {
@@ -216,6 +235,17 @@ impl Runtime {
             for waiter in waiters {
                 let _ = waiter.send(Err(CoordinatorError::ShuttingDown));
             }
+        }
+    }
+
+    fn fire_due_timers(&mut self) {
+        let now = unix_now_ms();
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (txn, timer) = entry.remove();
+            self.on_event(Event::TimerFired { txn, timer });
         }
     }
 
@@ -394,12 +424,8 @@ impl Runtime {
                     );
                 }
                 Effect::SetTimer { txn, timer, at_ms } => {
-                    let delay = Duration::from_millis(at_ms.saturating_sub(unix_now_ms()));
-                    let events = self.events_tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = events.send(Event::TimerFired { txn, timer });
-                    });
+                    self.timer_seq += 1;
+                    self.timers.insert((at_ms, self.timer_seq), (txn, timer));
                 }
                 Effect::Reply { txn, outcome } => {
                     tracing::debug!(txn = %txn, ?outcome, "outcome durable; replying");

@@ -9,7 +9,7 @@ use std::future::Future;
 use tandem_common::{BranchIdx, TxnId};
 use tandem_proto::v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -120,15 +120,20 @@ impl Participant {
     pub async fn serve(
         &self,
         listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send,
+        shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
         let resolver = self.spawn_in_doubt_resolver();
-        let served = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        // Accepted sockets get TCP_NODELAY here: `Server::tcp_nodelay` only reaches sockets
+        // tonic binds itself, and without it Nagle meets delayed ACKs (40 ms per call).
+        let server = tonic::transport::Server::builder()
             .add_service(self.grpc_service())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await;
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
+        // Spawned, so the server runs on the runtime's workers rather than on whatever thread
+        // awaits `serve` (under `#[tokio::main]`, the main thread, which is no worker).
+        let served = tokio::spawn(server).await;
         resolver.abort();
-        served.map_err(|e| Error::Unavailable(format!("participant server failed: {e}")))
+        served
+            .map_err(|e| Error::Unavailable(format!("participant server task failed: {e}")))?
+            .map_err(|e| Error::Unavailable(format!("participant server failed: {e}")))
     }
 }
