@@ -1,16 +1,23 @@
 //! Group commit: makes sled writes durable against power loss, one flush for many writers.
 //!
-//! A writer inserts its records into sled (not yet durable), then asks [`GroupCommit::flush`]
-//! and waits. A dedicated flusher thread takes every request queued at that moment, calls
-//! `sled::Db::flush()` once and then `fdatasync` on sled's data file, and answers them all.
-//! Since a request is queued only after its writer's inserts returned, the flush that answers
-//! it covers them.
+//! Callers hand the flusher a **job**: a closure that does their writes. A dedicated thread
+//! takes every job queued at that moment, runs them one after another, calls
+//! `sled::Db::flush()` once and then `fdatasync` on sled's data file, and only then releases
+//! each job's result to its caller. So "durable before anyone hears of it" is the shape of the
+//! API, not a second call a caller could forget. [`GroupCommit::flush`] is the job that writes
+//! nothing (for writers that wrote elsewhere before calling it).
 //!
-//! Why not just `flush()`: sled 0.34.7's flush writes with `sync_file_range`, which neither
-//! flushes the device's write cache nor the file's metadata, so a power loss can still lose
-//! what it "flushed". The `fdatasync` that follows is what makes the write durable.
+//! Why the writes run on this thread: sled 0.34.7 commits every transaction under a
+//! process-wide write lock, and its `flush` holds the read side of that lock while it writes.
+//! Transactions run on async workers therefore stall those workers behind every flush (and
+//! with them the process's network I/O); run here, between flushes, they never contend.
+//! Why not just `flush()`: it writes with `sync_file_range`, which neither flushes the
+//! device's write cache nor the file's metadata, so a power loss can still lose what it
+//! "flushed". The `fdatasync` that follows is what makes the write durable.
 //! Why not `flush_async()`: awaited from many tasks at once it was seen to hang forever.
-//! Why a thread: `flush` blocks for the device; the async runtime's workers must not.
+//!
+//! Jobs must be short and must not wait for a flush themselves (that would deadlock the
+//! thread). A job that panics fails only its own caller.
 //!
 //! Failure: a failed flush or fdatasync poisons the flusher. After an fsync error the kernel
 //! may have dropped the dirty pages, so retrying cannot prove anything was written; every
@@ -31,6 +38,8 @@ use tokio::sync::oneshot;
 /// A flush could not be completed; nothing written since the last good flush is known durable.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FlushError {
+    #[error("a job run by the flusher panicked: {0}")]
+    JobPanicked(String),
     #[error("log flush failed: {0}")]
     Failed(String),
     #[error("the flusher stopped after an earlier failure ({0}); restart the process")]
@@ -50,7 +59,10 @@ pub struct FlushStats {
     pub flush_micros: AtomicU64,
 }
 
-type Waiter = oneshot::Sender<Result<(), FlushError>>;
+/// What a job leaves behind to be called once the flush that covers it has completed.
+type Completion = Box<dyn FnOnce(Result<(), FlushError>) + Send>;
+/// A job queued for the flusher thread.
+type Job = Box<dyn FnOnce() -> Completion + Send>;
 
 /// A handle to one sled database's flusher thread. Cheap to clone. Dropping the last handle
 /// stops the thread and waits for it, so the database is closed once the drop returns (a
@@ -61,7 +73,7 @@ pub struct GroupCommit {
 }
 
 struct Flusher {
-    requests: Option<mpsc::Sender<Waiter>>,
+    requests: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<FlushStats>,
 }
@@ -83,7 +95,7 @@ impl GroupCommit {
     pub fn start(db: sled::Db, dir: &Path) -> std::io::Result<Self> {
         let data_file = File::open(dir.join("db"))?;
         File::open(dir)?.sync_all()?;
-        let (requests, queue) = mpsc::channel::<Waiter>();
+        let (requests, queue) = mpsc::channel::<Job>();
         let stats = Arc::new(FlushStats::default());
         let thread_stats = stats.clone();
         let dir: PathBuf = dir.to_path_buf();
@@ -99,22 +111,45 @@ impl GroupCommit {
         })
     }
 
-    fn enqueue(&self) -> Result<oneshot::Receiver<Result<(), FlushError>>, FlushError> {
+    fn enqueue<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<oneshot::Receiver<Result<T, FlushError>>, FlushError> {
         let (done, answer) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            Box::new(move |flushed: Result<(), FlushError>| {
+                let result = match outcome {
+                    Ok(value) => flushed.map(|()| value),
+                    Err(panic) => Err(FlushError::JobPanicked(panic_message(&panic))),
+                };
+                // A caller that stopped waiting (its task was cancelled) is no error.
+                let _ = done.send(result);
+            })
+        });
         let requests = self.inner.requests.as_ref().ok_or(FlushError::Stopped)?;
-        requests.send(done).map_err(|_| FlushError::Stopped)?;
+        requests.send(job).map_err(|_| FlushError::Stopped)?;
         Ok(answer)
+    }
+
+    /// Runs `job` on the flusher thread and returns its result once everything it wrote
+    /// (and everything written before the call) is durable.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, FlushError> {
+        self.enqueue(job)?.await.map_err(|_| FlushError::Stopped)?
     }
 
     /// Waits until everything this process wrote to the database before the call is durable.
     pub async fn flush(&self) -> Result<(), FlushError> {
-        self.enqueue()?.await.map_err(|_| FlushError::Stopped)?
+        self.run(|| ()).await
     }
 
     /// [`flush`](Self::flush) for code that is not async. Must not be called on an async
     /// runtime's worker thread.
     pub fn flush_blocking(&self) -> Result<(), FlushError> {
-        self.enqueue()?
+        self.enqueue(|| ())?
             .blocking_recv()
             .map_err(|_| FlushError::Stopped)?
     }
@@ -127,17 +162,18 @@ impl GroupCommit {
 fn flusher_loop(
     db: sled::Db,
     data_file: File,
-    queue: mpsc::Receiver<Waiter>,
+    queue: mpsc::Receiver<Job>,
     stats: &FlushStats,
     dir: &Path,
 ) {
     let poisoned = AtomicBool::new(false);
     let mut poison_reason = String::new();
-    let mut batch: Vec<Waiter> = Vec::with_capacity(256);
-    // Blocks for the first request of a batch, then takes all that queued behind it.
+    let mut batch: Vec<Completion> = Vec::with_capacity(256);
+    // Blocks for the first job of a batch, then takes all that queued behind it, running
+    // each before the one flush that covers them all.
     while let Ok(first) = queue.recv() {
-        batch.push(first);
-        batch.extend(queue.try_iter());
+        batch.push(first());
+        batch.extend(queue.try_iter().map(|job| job()));
         let result = if poisoned.load(Ordering::Relaxed) {
             Err(FlushError::Poisoned(poison_reason.clone()))
         } else {
@@ -166,11 +202,18 @@ fn flusher_loop(
                 }
             }
         };
-        for waiter in batch.drain(..) {
-            // A writer that stopped waiting (its task was cancelled) is no error.
-            let _ = waiter.send(result.clone());
+        for completion in batch.drain(..) {
+            completion(result.clone());
         }
     }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".into())
 }
 
 /// Opens (or creates) a sled database at `dir` with the settings Tandem relies on.
@@ -218,6 +261,23 @@ mod tests {
             writers * per_writer,
             "writes were lost across reopening"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_run_on_the_flusher_and_answer_after_the_flush_and_a_panic_fails_only_its_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path()).unwrap();
+        let flusher = GroupCommit::start(db.clone(), dir.path()).unwrap();
+        let writer = db.clone();
+        let value = flusher.run(move || writer.insert("k", "v").unwrap().is_none()).await.unwrap();
+        assert!(value, "the job saw no earlier value");
+        assert_eq!(flusher.stats().flushes.load(Ordering::Relaxed), 1);
+        let panicked = flusher.run(|| -> u8 { panic!("boom in a job") }).await;
+        assert!(matches!(&panicked, Err(FlushError::JobPanicked(m)) if m.contains("boom")), "{panicked:?}");
+        assert_eq!(flusher.run(|| 7).await.unwrap(), 7, "the flusher survives a panicking job");
+        drop(flusher);
+        drop(db);
+        assert_eq!(open_db(dir.path()).unwrap().get("k").unwrap().as_deref(), Some(&b"v"[..]));
     }
 
     #[test]

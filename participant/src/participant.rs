@@ -3,10 +3,12 @@
 //!
 //! Each call is one sled transaction over the branch log and the resource's trees: the
 //! barrier reads the branch's record, the resource's code runs (if the barrier says so), and
-//! the new record is written, all or nothing. Then the call waits for a group-commit flush
-//! before it answers, so that no answer (a YES vote above all) ever reports a state that a
-//! crash could undo. That includes repeated calls: a repeat may read a record that a
-//! concurrent first call wrote but has not yet flushed.
+//! the new record is written, all or nothing. The transaction runs as a job of the
+//! group-commit flusher (`tandem_common::group_commit`), whose answer is released only after
+//! the flush that covers it, so no answer (a YES vote above all) ever reports a state that a
+//! crash could undo. That includes repeated calls: a repeat may read a record that an earlier
+//! call wrote but had not yet flushed. Running every transaction on that one thread also means
+//! they never contend with each other or with a flush for sled's global transaction lock.
 //!
 //! Crash points: `participant.after_prepare_persisted` (a YES is durable, not yet sent) and
 //! `participant.after_commit_applied` (a commit is durable, not yet acknowledged).
@@ -258,6 +260,29 @@ impl Participant {
         payload: &[u8],
         coordinator: &str,
     ) -> Result<Vote, Error> {
+        self.hosted(&ctx.resource)?;
+        let (this, job_ctx) = (self.clone(), ctx.clone());
+        let (payload, coordinator) = (payload.to_vec(), coordinator.to_string());
+        let (vote, first_time) = self
+            .inner
+            .flusher
+            .run(move || this.prepare_now(&job_ctx, &payload, &coordinator))
+            .await??;
+        if first_time && vote == Vote::Yes {
+            crash_point("participant.after_prepare_persisted");
+        }
+        tracing::debug!(txn = %ctx.txn, branch = %ctx.branch, ?vote, "prepare answered");
+        Ok(vote)
+    }
+
+    /// The prepare transaction (on the flusher thread): the vote, and whether this call
+    /// recorded it (false for a repeat).
+    fn prepare_now(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+        coordinator: &str,
+    ) -> Result<(Vote, bool), Error> {
         let hosted = self.hosted(&ctx.resource)?;
         let key = branch_key(&ctx.txn, ctx.branch);
         let attempt = hosted.trees[..].transaction(|views| {
@@ -296,41 +321,24 @@ impl Participant {
                 }
             }
         });
-        let vote = match attempt {
-            Ok((vote, first_time)) => {
-                self.flush().await?;
-                if first_time && vote == Vote::Yes {
-                    crash_point("participant.after_prepare_persisted");
-                }
-                vote
-            }
+        match attempt {
+            Ok(answer) => Ok(answer),
             Err(TransactionError::Abort(Abandon::VotedNo(reason))) => {
-                self.record_no_vote(&key, reason).await?
+                Ok((self.record_no_vote_now(&key, reason)?, true))
             }
-            Err(e) => return Err(abandon_to_error(e)),
-        };
-        tracing::debug!(txn = %ctx.txn, branch = %ctx.branch, ?vote, "prepare answered");
-        Ok(vote)
+            Err(e) => Err(abandon_to_error(e)),
+        }
     }
 
-    /// Records a NO vote (the resource's writes were discarded), unless a concurrent call
-    /// recorded something first, in which case that record decides the answer.
-    async fn record_no_vote(&self, key: &[u8], reason: String) -> Result<Vote, Error> {
-        let recorded = self
-            .inner
+    /// Records a NO vote (the resource's writes were discarded), unless something was
+    /// recorded first, in which case that record decides the answer.
+    fn record_no_vote_now(&self, key: &[u8], reason: String) -> Result<Vote, Error> {
+        self.inner
             .branches
             .transaction(|log| match read_record(log, key)? {
                 None => {
-                    write_record(
-                        log,
-                        key,
-                        &BranchRecord::VotedNo {
-                            reason: reason.clone(),
-                        },
-                    )?;
-                    Ok(Vote::No {
-                        reason: reason.clone(),
-                    })
+                    write_record(log, key, &BranchRecord::VotedNo { reason: reason.clone() })?;
+                    Ok(Vote::No { reason: reason.clone() })
                 }
                 Some(existing) => match barrier::decide(Some(&existing), Call::Prepare) {
                     Action::AnswerVote { yes: true, .. } => Ok(Vote::Yes),
@@ -338,12 +346,12 @@ impl Participant {
                     other => unreachable!("barrier answered {other:?} to a prepare"),
                 },
             })
-            .map_err(abandon_to_error)?;
-        self.flush().await?;
-        Ok(recorded)
+            .map_err(abandon_to_error)
     }
 
-    /// Applies a decision to a branch; durable before it returns. Idempotent.
+    /// Applies a decision to a branch; durable before it returns (an abort too: a lost null
+    /// abort could let a late prepare hold a reservation that nobody would release).
+    /// Idempotent.
     pub async fn decide(
         &self,
         txn: &TxnId,
@@ -351,15 +359,33 @@ impl Participant {
         resource: &str,
         commit: bool,
     ) -> Result<(), Error> {
-        let hosted = self.hosted(resource)?;
-        let key = branch_key(txn, branch);
+        self.hosted(resource)?;
+        let this = self.clone();
         let ctx = BranchContext {
             txn: txn.clone(),
             branch,
             resource: resource.to_string(),
         };
+        let applied = self
+            .inner
+            .flusher
+            .run(move || this.decide_now(&ctx, commit))
+            .await??;
+        if applied && commit {
+            crash_point("participant.after_commit_applied");
+        }
+        tracing::debug!(txn = %txn, %branch, commit, applied, "decision applied");
+        Ok(())
+    }
+
+    /// The decision transaction (on the flusher thread): whether it changed anything (false
+    /// for a repeat).
+    fn decide_now(&self, ctx: &BranchContext, commit: bool) -> Result<bool, Error> {
+        let (txn, branch, resource) = (&ctx.txn, ctx.branch, ctx.resource.as_str());
+        let hosted = self.hosted(resource)?;
+        let key = branch_key(txn, branch);
         let call = if commit { Call::Commit } else { Call::Abort };
-        let applied = hosted.trees[..]
+        hosted.trees[..]
             .transaction(|views| {
                 let log = &views[0];
                 let recorded = read_record(log, &key)?;
@@ -370,41 +396,41 @@ impl Participant {
                         ))));
                     }
                 }
-                let service = ServiceTrees { names: &hosted.tree_names, trees: &views[1..] };
+                let service = ServiceTrees {
+                    names: &hosted.tree_names,
+                    trees: &views[1..],
+                };
                 match barrier::decide(recorded.as_ref(), call) {
                     Action::RunCommit { payload } => {
-                        resource_result(hosted.resource.commit(&ctx, &payload, &service))?;
-                        let record = BranchRecord::Committed { resource: resource.to_string(), committed_ms: unix_now_ms() };
+                        resource_result(hosted.resource.commit(ctx, &payload, &service))?;
+                        let record = BranchRecord::Committed {
+                            resource: resource.to_string(),
+                            committed_ms: unix_now_ms(),
+                        };
                         write_record(log, &key, &record)?;
                         Ok(true)
                     }
                     Action::RunAbort { payload } => {
-                        resource_result(hosted.resource.abort(&ctx, &payload, &service))?;
-                        write_record(log, &key, &BranchRecord::Aborted { was_prepared: true, aborted_ms: unix_now_ms() })?;
+                        resource_result(hosted.resource.abort(ctx, &payload, &service))?;
+                        let record = BranchRecord::Aborted { was_prepared: true, aborted_ms: unix_now_ms() };
+                        write_record(log, &key, &record)?;
                         Ok(true)
                     }
                     Action::RecordNullAbort => {
-                        write_record(log, &key, &BranchRecord::Aborted { was_prepared: false, aborted_ms: unix_now_ms() })?;
+                        let record = BranchRecord::Aborted { was_prepared: false, aborted_ms: unix_now_ms() };
+                        write_record(log, &key, &record)?;
                         Ok(true)
                     }
                     Action::AnswerDone => Ok(false),
-                    Action::Refuse { why } => Err(ConflictableTransactionError::Abort(Abandon::Refused(format!(
-                        "branch {txn} {branch}: {why}"
-                    )))),
+                    Action::Refuse { why } => Err(ConflictableTransactionError::Abort(
+                        Abandon::Refused(format!("branch {txn} {branch}: {why}")),
+                    )),
                     other @ (Action::RunPrepare | Action::AnswerVote { .. }) => {
                         unreachable!("barrier answered {other:?} to a decision")
                     }
                 }
             })
-            .map_err(abandon_to_error)?;
-        // Forced even for an abort: a lost (null) abort could let a late prepare hold a
-        // reservation that nobody would release.
-        self.flush().await?;
-        if applied && commit {
-            crash_point("participant.after_commit_applied");
-        }
-        tracing::debug!(txn = %txn, %branch, commit, applied, "decision applied");
-        Ok(())
+            .map_err(abandon_to_error)
     }
 
     /// The branch's record in the log, if any.

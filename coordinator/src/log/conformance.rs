@@ -40,7 +40,7 @@ fn id(n: u32) -> TxnId {
 }
 
 /// Runs the suite. `crash_and_reopen` takes the log and returns it as it is after a crash.
-async fn suite<L: TxnLog>(open: impl FnOnce() -> L, crash_and_reopen: impl FnOnce(L) -> L) {
+async fn suite<L: TxnLog>(open: impl FnOnce() -> L, crash_and_reopen: impl Fn(L) -> L) {
     let log = open();
     // put is visible at once and replaces.
     log.put(&id(2), &preparing(2)).unwrap();
