@@ -60,7 +60,7 @@ pub struct FlushStats {
 }
 
 /// What a job leaves behind to be called once the flush that covers it has completed.
-type Completion = Box<dyn FnOnce(Result<(), FlushError>) + Send>;
+pub type Completion = Box<dyn FnOnce(Result<(), FlushError>) + Send>;
 /// A job queued for the flusher thread.
 type Job = Box<dyn FnOnce() -> Completion + Send>;
 
@@ -116,7 +116,7 @@ impl GroupCommit {
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<oneshot::Receiver<Result<T, FlushError>>, FlushError> {
         let (done, answer) = oneshot::channel();
-        let job: Job = Box::new(move || {
+        self.submit(move || {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
             Box::new(move |flushed: Result<(), FlushError>| {
                 let result = match outcome {
@@ -126,10 +126,26 @@ impl GroupCommit {
                 // A caller that stopped waiting (its task was cancelled) is no error.
                 let _ = done.send(result);
             })
+        })?;
+        Ok(answer)
+    }
+
+    /// Runs `job` on the flusher thread and calls the [`Completion`] it returns with the
+    /// outcome of the flush that covers it. For callers that answer several waiters from one
+    /// job (the participant's transaction batches); [`run`](Self::run) is the usual way.
+    ///
+    /// A job that panics leaves no completion: whatever it captured is dropped, so its
+    /// waiters see their channels close.
+    pub fn submit(
+        &self,
+        job: impl FnOnce() -> Completion + Send + 'static,
+    ) -> Result<(), FlushError> {
+        let job: Job = Box::new(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
+                .unwrap_or_else(|_| Box::new(|_| ()))
         });
         let requests = self.inner.requests.as_ref().ok_or(FlushError::Stopped)?;
-        requests.send(job).map_err(|_| FlushError::Stopped)?;
-        Ok(answer)
+        requests.send(job).map_err(|_| FlushError::Stopped)
     }
 
     /// Runs `job` on the flusher thread and returns its result once everything it wrote
@@ -208,7 +224,8 @@ fn flusher_loop(
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+/// The message a panic carried, for reporting it as an error.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -264,20 +281,34 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn jobs_run_on_the_flusher_and_answer_after_the_flush_and_a_panic_fails_only_its_caller() {
+    async fn jobs_run_on_the_flusher_and_answer_after_the_flush_and_a_panic_fails_only_its_caller()
+    {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(dir.path()).unwrap();
         let flusher = GroupCommit::start(db.clone(), dir.path()).unwrap();
         let writer = db.clone();
-        let value = flusher.run(move || writer.insert("k", "v").unwrap().is_none()).await.unwrap();
+        let value = flusher
+            .run(move || writer.insert("k", "v").unwrap().is_none())
+            .await
+            .unwrap();
         assert!(value, "the job saw no earlier value");
         assert_eq!(flusher.stats().flushes.load(Ordering::Relaxed), 1);
         let panicked = flusher.run(|| -> u8 { panic!("boom in a job") }).await;
-        assert!(matches!(&panicked, Err(FlushError::JobPanicked(m)) if m.contains("boom")), "{panicked:?}");
-        assert_eq!(flusher.run(|| 7).await.unwrap(), 7, "the flusher survives a panicking job");
+        assert!(
+            matches!(&panicked, Err(FlushError::JobPanicked(m)) if m.contains("boom")),
+            "{panicked:?}"
+        );
+        assert_eq!(
+            flusher.run(|| 7).await.unwrap(),
+            7,
+            "the flusher survives a panicking job"
+        );
         drop(flusher);
         drop(db);
-        assert_eq!(open_db(dir.path()).unwrap().get("k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            open_db(dir.path()).unwrap().get("k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 pub mod bank;
 pub mod barrier;
+mod batch;
 pub mod client;
 pub mod error;
 pub mod in_doubt;

@@ -1,14 +1,16 @@
 //! The participant: a sled database holding the service's trees and the branch log, and the
 //! three calls (prepare, commit, abort) applied through the barrier.
 //!
-//! Each call is one sled transaction over the branch log and the resource's trees: the
-//! barrier reads the branch's record, the resource's code runs (if the barrier says so), and
-//! the new record is written, all or nothing. The transaction runs as a job of the
-//! group-commit flusher (`tandem_common::group_commit`), whose answer is released only after
-//! the flush that covers it, so no answer (a YES vote above all) ever reports a state that a
-//! crash could undo. That includes repeated calls: a repeat may read a record that an earlier
-//! call wrote but had not yet flushed. Running every transaction on that one thread also means
-//! they never contend with each other or with a flush for sled's global transaction lock.
+//! Each call is applied in a sled transaction over the branch log and the resource's trees:
+//! the barrier reads the branch's record, the resource's code runs (if the barrier says so),
+//! and the new record is written, all or nothing. Calls are batched (`crate::batch`): every
+//! call queued while the flusher is busy commits in one sled transaction on the group-commit
+//! flusher's thread (`tandem_common::group_commit`), and the answers are released only after
+//! the flush that covers the batch, so no answer (a YES vote above all) ever reports a state
+//! that a crash could undo. That includes repeated calls: a repeat may read a record that an
+//! earlier call wrote but had not yet flushed. Running every transaction on that one thread
+//! also means they never contend with each other or with a flush for sled's global
+//! transaction lock.
 //!
 //! Crash points: `participant.after_prepare_persisted` (a YES is durable, not yet sent) and
 //! `participant.after_commit_applied` (a commit is durable, not yet acknowledged).
@@ -17,14 +19,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use tandem_common::crash::crash_point;
 use tandem_common::{
     codec, group_commit, unix_now_ms, BranchIdx, GroupCommit, TxnId, RECORD_BYTES_MAX,
 };
 
 use crate::barrier::{self, Action, BranchRecord, Call};
+use crate::batch::{Abandon, TxResult, TxnBatcher};
 use crate::error::Error;
 use crate::resource::{BranchContext, ResourceError, ServiceTrees, TwoPhaseResource, Vote};
 
@@ -55,10 +57,11 @@ impl Default for ParticipantConfig {
 
 struct Hosted {
     resource: Arc<dyn TwoPhaseResource>,
-    /// The resource's tree names, in the order of `trees[1..]`.
+    /// The resource's tree names, as its `trees()` listed them.
     tree_names: Vec<String>,
-    /// The branch log first, then the resource's trees: one sled transaction spans them all.
-    trees: Vec<sled::Tree>,
+    /// Where each of those trees is among the participant's trees (and so among the views of
+    /// a batch's transaction, which spans them all; the branch log is at 0).
+    tree_indices: Vec<usize>,
 }
 
 struct Inner {
@@ -66,8 +69,17 @@ struct Inner {
     branches: sled::Tree,
     resources: BTreeMap<String, Hosted>,
     flusher: GroupCommit,
+    batcher: Arc<TxnBatcher>,
     config: ParticipantConfig,
     dir: PathBuf,
+}
+
+#[cfg(test)]
+impl Inner {
+    /// Calls waiting for the next batch.
+    fn batcher_queued(&self) -> usize {
+        self.batcher.queued()
+    }
 }
 
 /// A participant: cheap to clone, shared by the gRPC endpoint and the in-doubt resolver.
@@ -100,16 +112,28 @@ impl ParticipantBuilder {
         let db = group_commit::open_db(&self.dir)?;
         let branches = db.open_tree(BRANCHES_TREE)?;
         let mut resources = BTreeMap::new();
+        // Every tree of the participant, each once (resources may share one); the branch log
+        // first.
+        let mut all_tree_names = vec![BRANCHES_TREE.to_string()];
+        let mut all_trees = vec![branches.clone()];
         for (name, resource) in self.resources {
             let tree_names = resource.trees();
-            let mut trees = vec![branches.clone()];
+            let mut tree_indices = Vec::with_capacity(tree_names.len());
             for tree in &tree_names {
                 if tree.starts_with("tandem.") {
                     return Err(Error::InvalidArgument(format!(
                         "resource {name:?} declares tree {tree:?}; names starting with \"tandem.\" are reserved"
                     )));
                 }
-                trees.push(db.open_tree(tree)?);
+                let index = match all_tree_names.iter().position(|t| t == tree) {
+                    Some(index) => index,
+                    None => {
+                        all_tree_names.push(tree.clone());
+                        all_trees.push(db.open_tree(tree)?);
+                        all_trees.len() - 1
+                    }
+                };
+                tree_indices.push(index);
             }
             if resources
                 .insert(
@@ -117,7 +141,7 @@ impl ParticipantBuilder {
                     Hosted {
                         resource,
                         tree_names,
-                        trees,
+                        tree_indices,
                     },
                 )
                 .is_some()
@@ -129,28 +153,20 @@ impl ParticipantBuilder {
         }
         let flusher = GroupCommit::start(db.clone(), &self.dir)
             .map_err(|e| Error::Storage(format!("{}: {e}", self.dir.display())))?;
+        let batcher = TxnBatcher::new(all_trees, flusher.clone());
         Ok(Participant {
             inner: Arc::new(Inner {
                 db,
                 branches,
                 resources,
                 flusher,
+                batcher,
                 config: self.config,
                 dir: self.dir,
             }),
         })
     }
 }
-
-/// Why a sled transaction was abandoned (its writes discarded).
-enum Abandon {
-    VotedNo(String),
-    Refused(String),
-    Failed(String),
-    Corrupt(tandem_common::CodecError),
-}
-
-type TxResult<T> = Result<T, ConflictableTransactionError<Abandon>>;
 
 fn branch_key(txn: &TxnId, branch: BranchIdx) -> Vec<u8> {
     let mut key = Vec::with_capacity(txn.as_str().len() + 5);
@@ -191,23 +207,35 @@ fn write_record(log: &TransactionalTree, key: &[u8], record: &BranchRecord) -> T
     Ok(())
 }
 
+/// Records a NO vote (the resource's writes were discarded), unless something was recorded
+/// first, in which case that record decides the answer.
+fn record_no_vote_in(log: &TransactionalTree, ctx: &BranchContext, reason: &str) -> TxResult<Vote> {
+    let key = branch_key(&ctx.txn, ctx.branch);
+    match read_record(log, &key)? {
+        None => {
+            let reason = reason.to_string();
+            write_record(
+                log,
+                &key,
+                &BranchRecord::VotedNo {
+                    reason: reason.clone(),
+                },
+            )?;
+            Ok(Vote::No { reason })
+        }
+        Some(existing) => match barrier::decide(Some(&existing), Call::Prepare) {
+            Action::AnswerVote { yes: true, .. } => Ok(Vote::Yes),
+            Action::AnswerVote { yes: false, reason } => Ok(Vote::No { reason }),
+            other => unreachable!("barrier answered {other:?} to a prepare"),
+        },
+    }
+}
+
 fn resource_result<T>(r: Result<T, ResourceError>) -> TxResult<T> {
     r.map_err(|e| match e {
         ResourceError::Storage(e) => e.into(),
         ResourceError::Failed(m) => ConflictableTransactionError::Abort(Abandon::Failed(m)),
     })
-}
-
-fn abandon_to_error(e: TransactionError<Abandon>) -> Error {
-    match e {
-        TransactionError::Abort(Abandon::Refused(why)) => Error::Conflict(why),
-        TransactionError::Abort(Abandon::Failed(m)) => Error::Resource(m),
-        TransactionError::Abort(Abandon::Corrupt(e)) => Error::Codec(e),
-        TransactionError::Abort(Abandon::VotedNo(reason)) => {
-            unreachable!("a NO vote is handled by prepare itself: {reason}")
-        }
-        TransactionError::Storage(e) => Error::Storage(e.to_string()),
-    }
 }
 
 /// A branch left prepared, as the in-doubt resolver sees it.
@@ -265,9 +293,15 @@ impl Participant {
         let (payload, coordinator) = (payload.to_vec(), coordinator.to_string());
         let (vote, first_time) = self
             .inner
-            .flusher
-            .run(move || this.prepare_now(&job_ctx, &payload, &coordinator))
-            .await??;
+            .batcher
+            .run(Box::new(move |views, voted_no| match voted_no {
+                None => this.prepare_in(views, &job_ctx, &payload, &coordinator),
+                Some(Abandon::VotedNo(reason)) => {
+                    Ok((record_no_vote_in(&views[0], &job_ctx, reason)?, true))
+                }
+                Some(other) => unreachable!("prepare re-run after {other:?}"),
+            }))
+            .await?;
         if first_time && vote == Vote::Yes {
             crash_point("participant.after_prepare_persisted");
         }
@@ -275,78 +309,56 @@ impl Participant {
         Ok(vote)
     }
 
-    /// The prepare transaction (on the flusher thread): the vote, and whether this call
-    /// recorded it (false for a repeat).
-    fn prepare_now(
-        &self,
-        ctx: &BranchContext,
-        payload: &[u8],
-        coordinator: &str,
-    ) -> Result<(Vote, bool), Error> {
-        let hosted = self.hosted(&ctx.resource)?;
-        let key = branch_key(&ctx.txn, ctx.branch);
-        let attempt = hosted.trees[..].transaction(|views| {
-            let log = &views[0];
-            match barrier::decide(read_record(log, &key)?.as_ref(), Call::Prepare) {
-                Action::RunPrepare => {
-                    let service = ServiceTrees {
-                        names: &hosted.tree_names,
-                        trees: &views[1..],
-                    };
-                    match resource_result(hosted.resource.prepare(ctx, payload, &service))? {
-                        Vote::Yes => {
-                            let record = BranchRecord::Prepared {
-                                resource: ctx.resource.clone(),
-                                payload: payload.to_vec(),
-                                coordinator: coordinator.to_string(),
-                                prepared_ms: unix_now_ms(),
-                            };
-                            write_record(log, &key, &record)?;
-                            Ok((Vote::Yes, true))
-                        }
-                        // Abandon the transaction so the service's writes are discarded.
-                        Vote::No { reason } => Err(ConflictableTransactionError::Abort(
-                            Abandon::VotedNo(reason),
-                        )),
-                    }
-                }
-                Action::AnswerVote { yes: true, .. } => Ok((Vote::Yes, false)),
-                Action::AnswerVote { yes: false, reason } => Ok((Vote::No { reason }, false)),
-                other @ (Action::RunCommit { .. }
-                | Action::RunAbort { .. }
-                | Action::RecordNullAbort
-                | Action::AnswerDone
-                | Action::Refuse { .. }) => {
-                    unreachable!("barrier answered {other:?} to a prepare")
-                }
-            }
-        });
-        match attempt {
-            Ok(answer) => Ok(answer),
-            Err(TransactionError::Abort(Abandon::VotedNo(reason))) => {
-                Ok((self.record_no_vote_now(&key, reason)?, true))
-            }
-            Err(e) => Err(abandon_to_error(e)),
+    fn service_trees<'a>(hosted: &'a Hosted, views: &'a [TransactionalTree]) -> ServiceTrees<'a> {
+        ServiceTrees {
+            names: &hosted.tree_names,
+            indices: &hosted.tree_indices,
+            views,
         }
     }
 
-    /// Records a NO vote (the resource's writes were discarded), unless something was
-    /// recorded first, in which case that record decides the answer.
-    fn record_no_vote_now(&self, key: &[u8], reason: String) -> Result<Vote, Error> {
-        self.inner
-            .branches
-            .transaction(|log| match read_record(log, key)? {
-                None => {
-                    write_record(log, key, &BranchRecord::VotedNo { reason: reason.clone() })?;
-                    Ok(Vote::No { reason: reason.clone() })
+    /// The prepare, inside a batch's transaction: the vote, and whether this call recorded it
+    /// (false for a repeat). A NO vote abandons the transaction, so that the service's writes
+    /// are discarded; the batch then records the vote with [`record_no_vote_in`].
+    fn prepare_in(
+        &self,
+        views: &[TransactionalTree],
+        ctx: &BranchContext,
+        payload: &[u8],
+        coordinator: &str,
+    ) -> TxResult<(Vote, bool)> {
+        let hosted = self.hosted(&ctx.resource).expect("checked before queuing");
+        let key = branch_key(&ctx.txn, ctx.branch);
+        let log = &views[0];
+        match barrier::decide(read_record(log, &key)?.as_ref(), Call::Prepare) {
+            Action::RunPrepare => {
+                let service = Self::service_trees(hosted, views);
+                match resource_result(hosted.resource.prepare(ctx, payload, &service))? {
+                    Vote::Yes => {
+                        let record = BranchRecord::Prepared {
+                            resource: ctx.resource.clone(),
+                            payload: payload.to_vec(),
+                            coordinator: coordinator.to_string(),
+                            prepared_ms: unix_now_ms(),
+                        };
+                        write_record(log, &key, &record)?;
+                        Ok((Vote::Yes, true))
+                    }
+                    Vote::No { reason } => Err(ConflictableTransactionError::Abort(
+                        Abandon::VotedNo(reason),
+                    )),
                 }
-                Some(existing) => match barrier::decide(Some(&existing), Call::Prepare) {
-                    Action::AnswerVote { yes: true, .. } => Ok(Vote::Yes),
-                    Action::AnswerVote { yes: false, reason } => Ok(Vote::No { reason }),
-                    other => unreachable!("barrier answered {other:?} to a prepare"),
-                },
-            })
-            .map_err(abandon_to_error)
+            }
+            Action::AnswerVote { yes: true, .. } => Ok((Vote::Yes, false)),
+            Action::AnswerVote { yes: false, reason } => Ok((Vote::No { reason }, false)),
+            other @ (Action::RunCommit { .. }
+            | Action::RunAbort { .. }
+            | Action::RecordNullAbort
+            | Action::AnswerDone
+            | Action::Refuse { .. }) => {
+                unreachable!("barrier answered {other:?} to a prepare")
+            }
+        }
     }
 
     /// Applies a decision to a branch; durable before it returns (an abort too: a lost null
@@ -368,9 +380,12 @@ impl Participant {
         };
         let applied = self
             .inner
-            .flusher
-            .run(move || this.decide_now(&ctx, commit))
-            .await??;
+            .batcher
+            .run(Box::new(move |views, prior| {
+                debug_assert!(prior.is_none(), "a decision never votes");
+                this.decide_in(views, &ctx, commit)
+            }))
+            .await?;
         if applied && commit {
             crash_point("participant.after_commit_applied");
         }
@@ -378,59 +393,67 @@ impl Participant {
         Ok(())
     }
 
-    /// The decision transaction (on the flusher thread): whether it changed anything (false
-    /// for a repeat).
-    fn decide_now(&self, ctx: &BranchContext, commit: bool) -> Result<bool, Error> {
+    /// The decision, inside a batch's transaction: whether it changed anything (false for a
+    /// repeat).
+    fn decide_in(
+        &self,
+        views: &[TransactionalTree],
+        ctx: &BranchContext,
+        commit: bool,
+    ) -> TxResult<bool> {
         let (txn, branch, resource) = (&ctx.txn, ctx.branch, ctx.resource.as_str());
-        let hosted = self.hosted(resource)?;
+        let hosted = self.hosted(resource).expect("checked before queuing");
         let key = branch_key(txn, branch);
         let call = if commit { Call::Commit } else { Call::Abort };
-        hosted.trees[..]
-            .transaction(|views| {
-                let log = &views[0];
-                let recorded = read_record(log, &key)?;
-                if let Some(BranchRecord::Prepared { resource: prepared_for, .. }) = &recorded {
-                    if prepared_for != resource {
-                        return Err(ConflictableTransactionError::Abort(Abandon::Refused(format!(
-                            "branch {txn} {branch} was prepared for resource {prepared_for:?}, not {resource:?}"
-                        ))));
-                    }
-                }
-                let service = ServiceTrees {
-                    names: &hosted.tree_names,
-                    trees: &views[1..],
+        let log = &views[0];
+        let recorded = read_record(log, &key)?;
+        if let Some(BranchRecord::Prepared {
+            resource: prepared_for,
+            ..
+        }) = &recorded
+        {
+            if prepared_for != resource {
+                return Err(ConflictableTransactionError::Abort(Abandon::Refused(format!(
+                    "branch {txn} {branch} was prepared for resource {prepared_for:?}, not {resource:?}"
+                ))));
+            }
+        }
+        let service = Self::service_trees(hosted, views);
+        match barrier::decide(recorded.as_ref(), call) {
+            Action::RunCommit { payload } => {
+                resource_result(hosted.resource.commit(ctx, &payload, &service))?;
+                let record = BranchRecord::Committed {
+                    resource: resource.to_string(),
+                    committed_ms: unix_now_ms(),
                 };
-                match barrier::decide(recorded.as_ref(), call) {
-                    Action::RunCommit { payload } => {
-                        resource_result(hosted.resource.commit(ctx, &payload, &service))?;
-                        let record = BranchRecord::Committed {
-                            resource: resource.to_string(),
-                            committed_ms: unix_now_ms(),
-                        };
-                        write_record(log, &key, &record)?;
-                        Ok(true)
-                    }
-                    Action::RunAbort { payload } => {
-                        resource_result(hosted.resource.abort(ctx, &payload, &service))?;
-                        let record = BranchRecord::Aborted { was_prepared: true, aborted_ms: unix_now_ms() };
-                        write_record(log, &key, &record)?;
-                        Ok(true)
-                    }
-                    Action::RecordNullAbort => {
-                        let record = BranchRecord::Aborted { was_prepared: false, aborted_ms: unix_now_ms() };
-                        write_record(log, &key, &record)?;
-                        Ok(true)
-                    }
-                    Action::AnswerDone => Ok(false),
-                    Action::Refuse { why } => Err(ConflictableTransactionError::Abort(
-                        Abandon::Refused(format!("branch {txn} {branch}: {why}")),
-                    )),
-                    other @ (Action::RunPrepare | Action::AnswerVote { .. }) => {
-                        unreachable!("barrier answered {other:?} to a decision")
-                    }
-                }
-            })
-            .map_err(abandon_to_error)
+                write_record(log, &key, &record)?;
+                Ok(true)
+            }
+            Action::RunAbort { payload } => {
+                resource_result(hosted.resource.abort(ctx, &payload, &service))?;
+                let record = BranchRecord::Aborted {
+                    was_prepared: true,
+                    aborted_ms: unix_now_ms(),
+                };
+                write_record(log, &key, &record)?;
+                Ok(true)
+            }
+            Action::RecordNullAbort => {
+                let record = BranchRecord::Aborted {
+                    was_prepared: false,
+                    aborted_ms: unix_now_ms(),
+                };
+                write_record(log, &key, &record)?;
+                Ok(true)
+            }
+            Action::AnswerDone => Ok(false),
+            Action::Refuse { why } => Err(ConflictableTransactionError::Abort(Abandon::Refused(
+                format!("branch {txn} {branch}: {why}"),
+            ))),
+            other @ (Action::RunPrepare | Action::AnswerVote { .. }) => {
+                unreachable!("barrier answered {other:?} to a decision")
+            }
+        }
     }
 
     /// The branch's record in the log, if any.
@@ -484,5 +507,207 @@ mod tests {
         let key = branch_key(&txn, BranchIdx(258));
         assert_eq!(parse_branch_key(&key), Some((txn, BranchIdx(258))));
         assert_eq!(parse_branch_key(b"short"), None);
+    }
+
+    /// A key-value resource whose payload says how prepare behaves: `key=value` writes a
+    /// pending entry and votes YES (commit then writes `key`), `no:key` writes a pending entry
+    /// and votes NO (so the write must be discarded), `panic` panics.
+    struct Kv;
+
+    const KV_TREE: &str = "kv";
+
+    impl TwoPhaseResource for Kv {
+        fn trees(&self) -> Vec<String> {
+            vec![KV_TREE.to_string()]
+        }
+
+        fn prepare(
+            &self,
+            ctx: &BranchContext,
+            payload: &[u8],
+            trees: &ServiceTrees<'_>,
+        ) -> Result<Vote, ResourceError> {
+            let payload = std::str::from_utf8(payload).unwrap();
+            let kv = trees.tree(KV_TREE);
+            if payload == "panic" {
+                panic!("the resource panicked on purpose");
+            }
+            kv.insert(
+                format!("pending/{}", ctx.txn).as_bytes(),
+                payload.as_bytes(),
+            )?;
+            match payload.strip_prefix("no:") {
+                Some(key) => Ok(Vote::No {
+                    reason: format!("{key} refused"),
+                }),
+                None => Ok(Vote::Yes),
+            }
+        }
+
+        fn commit(
+            &self,
+            ctx: &BranchContext,
+            payload: &[u8],
+            trees: &ServiceTrees<'_>,
+        ) -> Result<(), ResourceError> {
+            let payload = std::str::from_utf8(payload).unwrap();
+            let (key, value) = payload.split_once('=').unwrap();
+            let kv = trees.tree(KV_TREE);
+            kv.remove(format!("pending/{}", ctx.txn).as_bytes())?;
+            kv.insert(key.as_bytes(), value.as_bytes())?;
+            Ok(())
+        }
+
+        fn abort(
+            &self,
+            ctx: &BranchContext,
+            _payload: &[u8],
+            trees: &ServiceTrees<'_>,
+        ) -> Result<(), ResourceError> {
+            trees
+                .tree(KV_TREE)
+                .remove(format!("pending/{}", ctx.txn).as_bytes())?;
+            Ok(())
+        }
+    }
+
+    fn ctx(n: u32) -> BranchContext {
+        BranchContext {
+            txn: TxnId::parse(&format!("1763850000000-t{n}")).unwrap(),
+            branch: BranchIdx(0),
+            resource: String::new(),
+        }
+    }
+
+    fn kv_keys(participant: &Participant) -> Vec<String> {
+        let tree = participant.db().open_tree(KV_TREE).unwrap();
+        tree.iter()
+            .keys()
+            .map(|k| String::from_utf8(k.unwrap().to_vec()).unwrap())
+            .collect()
+    }
+
+    /// Holds the flusher thread until the returned sender is dropped, so that every call made
+    /// meanwhile queues for one batch.
+    fn hold_flusher(participant: &Participant) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        participant
+            .inner
+            .flusher
+            .submit(move || {
+                let _ = held.recv();
+                Box::new(|_| ())
+            })
+            .unwrap();
+        release
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_batch_keeps_yes_votes_and_discards_the_writes_of_no_votes_and_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let participant = Participant::builder(dir.path())
+            .resource("", Kv)
+            .open()
+            .unwrap();
+        let release = hold_flusher(&participant);
+        let payloads = ["a=1", "no:b", "panic", "c=3"];
+        let calls: Vec<_> = payloads
+            .iter()
+            .enumerate()
+            .map(|(n, payload)| {
+                let participant = participant.clone();
+                let payload = payload.to_string();
+                tokio::spawn(async move {
+                    participant
+                        .prepare(&ctx(n as u32), payload.as_bytes(), "http://127.0.0.1:1")
+                        .await
+                })
+            })
+            .collect();
+        // Let every call queue before the flusher is free.
+        while participant.inner.batcher_queued() < payloads.len() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        drop(release);
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.unwrap());
+        }
+        assert_eq!(answers[0].as_ref().unwrap(), &Vote::Yes, "{answers:?}");
+        assert_eq!(
+            answers[1].as_ref().unwrap(),
+            &Vote::No {
+                reason: "b refused".into()
+            },
+            "{answers:?}"
+        );
+        assert!(
+            matches!(&answers[2], Err(Error::Resource(m)) if m.contains("panicked on purpose")),
+            "{answers:?}"
+        );
+        assert_eq!(answers[3].as_ref().unwrap(), &Vote::Yes, "{answers:?}");
+        let stats = participant.inner.flusher.stats();
+        assert_eq!(
+            stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "one flush covers the held job and the whole batch"
+        );
+
+        // A repeat answers from the record; a commit of the NO branch is refused while the
+        // commit of a YES branch in the same batch applies.
+        let release = hold_flusher(&participant);
+        let (p1, p2, p3) = (
+            participant.clone(),
+            participant.clone(),
+            participant.clone(),
+        );
+        let refused =
+            tokio::spawn(async move { p1.decide(&ctx(1).txn, BranchIdx(0), "", true).await });
+        let committed =
+            tokio::spawn(async move { p2.decide(&ctx(0).txn, BranchIdx(0), "", true).await });
+        let repeat =
+            tokio::spawn(async move { p3.prepare(&ctx(1), b"no:b", "http://127.0.0.1:1").await });
+        while participant.inner.batcher_queued() < 3 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        drop(release);
+        assert!(matches!(refused.await.unwrap(), Err(Error::Conflict(_))));
+        committed.await.unwrap().unwrap();
+        assert_eq!(
+            repeat.await.unwrap().unwrap(),
+            Vote::No {
+                reason: "b refused".into()
+            }
+        );
+
+        // What was answered is what a reopened participant finds.
+        drop(participant);
+        let participant = Participant::builder(dir.path())
+            .resource("", Kv)
+            .open()
+            .unwrap();
+        assert_eq!(
+            kv_keys(&participant),
+            vec!["a".to_string(), format!("pending/{}", ctx(3).txn)],
+            "t0 committed, t1 (NO) and t2 (panic) left nothing, t3 holds its pending entry"
+        );
+        assert!(matches!(
+            participant
+                .branch_record(&ctx(1).txn, BranchIdx(0))
+                .unwrap(),
+            Some(BranchRecord::VotedNo { .. })
+        ));
+        assert_eq!(
+            participant
+                .branch_record(&ctx(2).txn, BranchIdx(0))
+                .unwrap(),
+            None
+        );
+        assert!(matches!(
+            participant
+                .branch_record(&ctx(3).txn, BranchIdx(0))
+                .unwrap(),
+            Some(BranchRecord::Prepared { .. })
+        ));
     }
 }

@@ -45,8 +45,12 @@ pub struct BranchContext {
 
 /// The service's own trees, inside the current sled transaction.
 pub struct ServiceTrees<'a> {
+    /// The resource's tree names, as [`TwoPhaseResource::trees`] listed them.
     pub(crate) names: &'a [String],
-    pub(crate) trees: &'a [TransactionalTree],
+    /// Where each of those trees is in `views`.
+    pub(crate) indices: &'a [usize],
+    /// The views of every tree of the participant in the current transaction.
+    pub(crate) views: &'a [TransactionalTree],
 }
 
 impl ServiceTrees<'_> {
@@ -59,7 +63,7 @@ impl ServiceTrees<'_> {
             .iter()
             .position(|n| n == name)
             .unwrap_or_else(|| panic!("tree {name:?} was not declared by the resource's trees()"));
-        &self.trees[i]
+        &self.views[self.indices[i]]
     }
 }
 
