@@ -139,18 +139,10 @@ pub enum Effect {
 }
 
 /// Tunables of the engine (the runtime's configuration hands them in).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct EngineConfig {
     /// Backoff between deliveries of a decision to a participant that did not acknowledge.
     pub redelivery_backoff: Backoff,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            redelivery_backoff: Backoff::default(),
-        }
-    }
 }
 
 /// All 2PC transactions in flight, and the rules that move them.

@@ -174,7 +174,7 @@ impl TwoPhaseTxn {
                         .collect(),
                     phase: Phase::Deciding { decision },
                 };
-                txn.on_decision_durable(effects);
+                txn.on_decision_durable(now_ms, effects);
                 Some(txn)
             }
             TxnRecord::Finished { .. } => None,
@@ -205,7 +205,7 @@ impl TwoPhaseTxn {
                 }
             }
             Event::DecisionDurable { .. } => match self.phase {
-                Phase::Deciding { .. } => self.on_decision_durable(effects),
+                Phase::Deciding { .. } => self.on_decision_durable(ctx.now_ms, effects),
                 Phase::Preparing { .. } | Phase::Delivering { .. } => {
                     panic!("{}: DecisionDurable in phase {:?}: the runtime fed a flush twice or before a decision", self.id, self.phase)
                 }
@@ -340,7 +340,7 @@ impl TwoPhaseTxn {
     }
 
     /// Deciding -> Delivering: the decision is durable; announce it.
-    fn on_decision_durable(&mut self, effects: &mut Vec<Effect>) {
+    fn on_decision_durable(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
         let decision = match std::mem::replace(&mut self.phase, Phase::Preparing { deadline_ms: 0 })
         {
             Phase::Deciding { decision } => decision,
@@ -366,7 +366,8 @@ impl TwoPhaseTxn {
             outcome: decision.outcome(),
         });
         self.phase = Phase::Delivering { decision };
-        self.finish_if_all_acknowledged(0, effects);
+        // Finishes at once when no branch needs the decision (a lone branch that voted NO).
+        self.finish_if_all_acknowledged(now_ms, effects);
     }
 
     fn on_acknowledged(&mut self, branch: BranchIdx, now_ms: u64, effects: &mut Vec<Effect>) {

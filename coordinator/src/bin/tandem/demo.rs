@@ -92,14 +92,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut rng = SplitMix64::new(args.seed);
     let mut plan = Vec::new();
     for _ in 0..args.transfers {
-        let (from_bank, to_bank) = if rng.next_u64() % 2 == 0 {
+        let (from_bank, to_bank) = if rng.next_u64().is_multiple_of(2) {
             (&addr_a, &addr_b)
         } else {
             (&addr_b, &addr_a)
         };
         let from = ACCOUNTS[(rng.next_u64() % 3) as usize];
         // One in ten goes to an account that does not exist: that credit votes no.
-        let to = if rng.next_u64() % 10 == 0 {
+        let to = if rng.next_u64().is_multiple_of(10) {
             "mallory"
         } else {
             ACCOUNTS[(rng.next_u64() % 3) as usize]
