@@ -83,7 +83,11 @@ impl Drop for Flusher {
         // Closing the queue ends the thread's loop; it then drops its database handle.
         self.requests.take();
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            // The last handle may be dropped by a job's completion on the flusher thread
+            // itself; that thread ends on its own once it finds the queue closed.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
         }
     }
 }

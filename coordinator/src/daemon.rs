@@ -45,11 +45,20 @@ pub async fn run(
     // Accepted sockets get TCP_NODELAY here: `Server::tcp_nodelay` only reaches sockets tonic
     // binds itself, and without it Nagle meets delayed ACKs (40 ms per call).
     let server = tonic::transport::Server::builder()
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
+        .add_service(
+            service
+                .into_server()
+                .max_decoding_message_size(crate::config::REQUEST_BYTES_MAX),
+        )
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        );
     // Spawned, so the server runs on the runtime's workers rather than on the thread that
     // awaits `run` (under `#[tokio::main]`, the main thread, which is no worker).
-    tokio::spawn(server).await.map_err(|e| DaemonError::Task(e.to_string()))??;
+    tokio::spawn(server)
+        .await
+        .map_err(|e| DaemonError::Task(e.to_string()))??;
     // The service (and its handle) are dropped with the server; the runtime then drains.
     let _ = runtime_task.await;
     tracing::info!("coordinator stopped");

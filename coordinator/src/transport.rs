@@ -14,7 +14,9 @@ use tandem_common::{BranchIdx, TxnId};
 use tandem_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::engine::saga::ActionAnswer;
 use crate::engine::types::{BranchTarget, Vote};
+use crate::runtime::SagaView;
 
 /// Why a call to a participant got no usable answer. The coordinator cannot tell whether the
 /// participant acted on the request.
@@ -46,9 +48,35 @@ pub struct DecisionCall {
     pub timeout: Duration,
 }
 
+/// A saga step's action or compensation.
+#[derive(Debug, Clone)]
+pub struct StepCall {
+    pub saga: TxnId,
+    pub step: u32,
+    pub step_name: String,
+    pub target: BranchTarget,
+    pub payload: Vec<u8>,
+    pub timeout: Duration,
+}
+
+/// A saga's completion callback.
+#[derive(Debug, Clone)]
+pub struct CallbackCall {
+    pub saga: TxnId,
+    pub target: BranchTarget,
+    /// The saga's final state.
+    pub state: SagaView,
+    pub timeout: Duration,
+}
+
 pub trait ParticipantTransport: Send + Sync + 'static {
     fn prepare(&self, call: PrepareCall) -> CallFuture<Vote>;
     fn deliver(&self, call: DecisionCall) -> CallFuture<()>;
+    /// Runs a step's action. An error (no answer, or an error status) is retried by the
+    /// engine; only an answer of FAILED is a business failure.
+    fn act(&self, call: StepCall) -> CallFuture<ActionAnswer>;
+    fn compensate(&self, call: StepCall) -> CallFuture<()>;
+    fn saga_finished(&self, call: CallbackCall) -> CallFuture<()>;
 }
 
 /// The gRPC transport: `tandem.v1.Participant` over tonic.
@@ -149,4 +177,90 @@ impl ParticipantTransport for GrpcTransport {
                 .map_err(|s| status_error(&call.target.participant, s))
         })
     }
+
+    fn act(&self, call: StepCall) -> CallFuture<ActionAnswer> {
+        let client = self.client(&call.target.participant);
+        Box::pin(async move {
+            let mut client = client?;
+            let participant = call.target.participant.clone();
+            let request = step_request(call.clone());
+            let answer = bounded(call.timeout, &participant, "action", client.act(request))
+                .await?
+                .into_inner();
+            match pb::StepResult::try_from(answer.result) {
+                Ok(pb::StepResult::Succeeded) => Ok(ActionAnswer::Succeeded),
+                Ok(pb::StepResult::Failed) => Ok(ActionAnswer::Failed {
+                    reason: answer.reason,
+                }),
+                Ok(pb::StepResult::Unspecified) | Err(_) => Err(TransportError(format!(
+                    "{participant}: action answered without a result ({})",
+                    answer.result
+                ))),
+            }
+        })
+    }
+
+    fn compensate(&self, call: StepCall) -> CallFuture<()> {
+        let client = self.client(&call.target.participant);
+        Box::pin(async move {
+            let mut client = client?;
+            let participant = call.target.participant.clone();
+            let request = step_request(call.clone());
+            bounded(
+                call.timeout,
+                &participant,
+                "compensation",
+                client.compensate(request),
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+
+    fn saga_finished(&self, call: CallbackCall) -> CallFuture<()> {
+        let client = self.client(&call.target.participant);
+        Box::pin(async move {
+            let mut client = client?;
+            let participant = call.target.participant.clone();
+            let mut request = tonic::Request::new(pb::SagaFinishedRequest {
+                saga_id: call.saga.to_string(),
+                resource: call.target.resource.clone(),
+                outcome: Some(crate::server::saga::view_to_pb(&call.state)),
+            });
+            request.set_timeout(call.timeout);
+            bounded(
+                call.timeout,
+                &participant,
+                "callback",
+                client.saga_finished(request),
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+}
+
+fn step_request(call: StepCall) -> tonic::Request<pb::StepRequest> {
+    let mut request = tonic::Request::new(pb::StepRequest {
+        saga_id: call.saga.to_string(),
+        step: call.step,
+        resource: call.target.resource,
+        payload: call.payload,
+        step_name: call.step_name,
+    });
+    request.set_timeout(call.timeout);
+    request
+}
+
+/// Awaits a call for at most `timeout`; a timeout or an error status is a transport error.
+async fn bounded<T>(
+    timeout: Duration,
+    participant: &str,
+    what: &str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<tonic::Response<T>, TransportError> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| TransportError(format!("{participant}: {what} timed out after {timeout:?}")))?
+        .map_err(|s| status_error(participant, s))
 }

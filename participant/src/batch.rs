@@ -11,11 +11,11 @@
 //!
 //! A batch runs each queued call's body, in arrival order, inside one transaction over every
 //! tree of the participant, so each body sees the writes of the bodies before it exactly as if
-//! they had committed one after another. A body that abandons the transaction (a NO vote whose
-//! service writes must be discarded, a refused call, a resource failure or panic) would
-//! discard everyone's writes, so the batch is run again without it: the body is then either
-//! left out with its error, or (a NO vote) run again in its fallback form, which records the
-//! vote. Every re-run changes one member's state and a member changes state at most twice,
+//! they had committed one after another. A body that abandons the transaction (a business
+//! refusal whose service writes must be discarded — a NO vote at prepare, a failed saga action
+//! — a refused call, a resource failure or panic) would discard everyone's writes, so the batch
+//! is run again without it: the body is then either left out with its error, or (a business
+//! refusal) run again in its fallback form, which records the refusal. Every re-run changes one member's state and a member changes state at most twice,
 //! so a batch commits after at most `2 × members + 1` attempts.
 //!
 //! Answers leave only through the flusher's completion, after the flush that covers the
@@ -38,8 +38,9 @@ pub(crate) const BATCH_CALLS_MAX: usize = 512;
 /// Why a body abandoned the transaction (its writes discarded).
 #[derive(Debug)]
 pub(crate) enum Abandon {
-    /// The resource voted NO; its writes must go, and the vote is recorded by the fallback.
-    VotedNo(String),
+    /// The service refused for a business reason (a NO vote at prepare, a failed saga action):
+    /// its writes must go, and the body's fallback form records the refusal with this reason.
+    Declined(String),
     /// The call contradicts the branch log.
     Refused(String),
     /// The resource's own failure.
@@ -52,8 +53,9 @@ pub(crate) type TxResult<T> = Result<T, ConflictableTransactionError<Abandon>>;
 
 /// A call's transaction body. Runs on the flusher thread, possibly several times (sled retries
 /// conflicts; a batch re-runs when another member abandons), so it must only read and write
-/// through the views. `prior` is `None` on the first form and, after the body abandoned with a
-/// NO vote, that reason: the body then runs its fallback form (recording the vote).
+/// through the views. `prior` is `None` on the first form and, after the body abandoned with
+/// [`Abandon::Declined`], that abandon: the body then runs its fallback form (recording the
+/// refusal).
 pub(crate) type Body<T> = Box<dyn Fn(&[TransactionalTree], Option<&Abandon>) -> TxResult<T> + Send>;
 
 /// One queued call, its type erased so calls of different answer types share a batch.
@@ -70,7 +72,7 @@ trait Member: Send {
 
 struct Call<T> {
     body: Body<T>,
-    /// Set once the body abandoned with a NO vote: it then runs in fallback form.
+    /// Set once the body abandoned with [`Abandon::Declined`]: it then runs in fallback form.
     prior: Option<Abandon>,
     answer: Option<Result<T, Error>>,
     reply: oneshot::Sender<Result<T, Error>>,
@@ -92,7 +94,7 @@ impl<T: Send + 'static> Member for Call<T> {
 
     fn abandoned(&mut self, why: Abandon) -> bool {
         match why {
-            Abandon::VotedNo(_) if self.prior.is_none() => {
+            Abandon::Declined(_) if self.prior.is_none() => {
                 self.prior = Some(why);
                 self.answer = None;
                 true
@@ -109,14 +111,25 @@ impl<T: Send + 'static> Member for Call<T> {
     }
 
     fn answer(self: Box<Self>, flushed: Result<(), FlushError>) {
+        let Call {
+            body,
+            answer,
+            reply,
+            prior: _,
+        } = *self;
+        // The body captured handles (of the participant, which owns the flusher). Dropped
+        // before the caller wakes, while the caller still holds its own handle, it is never
+        // the last one: dropping the last handle on the flusher thread would make the flusher
+        // wait for its own thread to end.
+        drop(body);
         let answer = match flushed {
-            Ok(()) => self.answer.unwrap_or_else(|| {
+            Ok(()) => answer.unwrap_or_else(|| {
                 unreachable!("a batch committed without running one of its calls")
             }),
             Err(e) => Err(Error::Flush(e)),
         };
         // A caller that stopped waiting (its request was cancelled) is no error.
-        let _ = self.reply.send(answer);
+        let _ = reply.send(answer);
     }
 }
 
@@ -265,8 +278,8 @@ pub(crate) fn abandon_to_error(why: Abandon) -> Error {
         Abandon::Refused(why) => Error::Conflict(why),
         Abandon::Failed(m) => Error::Resource(m),
         Abandon::Corrupt(e) => Error::Codec(e),
-        Abandon::VotedNo(reason) => {
-            unreachable!("a NO vote is recorded by the prepare's fallback form: {reason}")
+        Abandon::Declined(reason) => {
+            unreachable!("a business refusal is recorded by its body's fallback form: {reason}")
         }
     }
 }

@@ -17,17 +17,59 @@
 //! Retries are safe: [`TandemClient::execute_2pc`] picks the transaction id itself before the
 //! first attempt, and when the coordinator cannot be reached or is briefly overloaded it asks
 //! again with the same id (the coordinator answers a retry with the original outcome).
+//!
+//! Sagas: describe one with [`Saga::sequence`] or [`Saga::graph`] and [`Step`]s, submit it with
+//! [`TandemClient::submit_saga`] (which returns once the saga is durably accepted, retrying
+//! with the same id just as `execute_2pc` does), then follow it as suits the caller:
+//! [`TandemClient::wait`], [`TandemClient::watch`] (a stream of [`SagaChange`]s),
+//! [`TandemClient::get_saga`], or a completion callback ([`Saga::callback`]) handled by a
+//! [`crate::SagaCallbackHandler`] in the submitting service.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tandem_participant::Error> {
+//! use std::time::Duration;
+//! use tandem_participant::{bank, Saga, SagaOutcome, TandemClient};
+//! let client = TandemClient::connect("127.0.0.1:7400").await?;
+//! let saga = Saga::sequence(bank::transfer_saga_steps(
+//!     ("127.0.0.1:7401", "alice"),
+//!     ("127.0.0.1:7402", "bob"),
+//!     10,
+//! ));
+//! let id = client.submit_saga(saga).await?;
+//! let state = client.wait(&id, Duration::from_secs(10)).await?;
+//! match state.outcome() {
+//!     Some(SagaOutcome::Completed) => {}
+//!     Some(SagaOutcome::Compensated { failed_step, reason }) => { let _ = (failed_step, reason); }
+//!     Some(SagaOutcome::Aborted { .. }) | None => {}
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Prost types stay in here: sagas go out converted from [`Saga`], states come back converted
+//! into [`SagaState`] and [`SagaChange`] (see [`crate::saga_state`]).
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use tandem_common::{unix_now_ms, TxnId};
 use tandem_proto::v1 as pb;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 use crate::error::Error;
+use crate::saga_state::{SagaChange, SagaState};
 
 /// How many times a call is tried before its last error is returned.
 const ATTEMPTS_MAX: u32 = 4;
+/// Longest wait one `WaitSaga` call may ask for (the contract's limit), in ms; longer waits are
+/// made of several calls.
+const WAIT_CALL_MS_MAX: u64 = 300_000;
+/// How much longer than the wait it asked for a `WaitSaga` call may take before the client
+/// gives up on that call, in ms.
+const WAIT_CALL_GRACE_MS: u64 = 5_000;
+/// Pause between `WaitSaga` calls when the coordinator answers early or errs, in ms.
+const WAIT_PAUSE_MS: u64 = 50;
 
 /// One branch of a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +103,205 @@ pub enum Outcome {
     Committed,
     /// No participant commits.
     Aborted { reason: String },
+}
+
+/// How a saga step's action is retried when it gets no answer (a transport error, a timeout,
+/// UNAVAILABLE); a business failure is never retried. Every field's zero means the
+/// coordinator's default (given as "default: ..."), so `RetryPolicy::default()` is "all
+/// defaults".
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RetryPolicy {
+    /// Delay before the first retry (default: 100 ms).
+    pub initial_delay_ms: u64,
+    /// Growth of the delay per retry (default: 2.0); otherwise at least 1.0.
+    pub multiplier: f64,
+    /// Cap of the delay (default: 10,000 ms).
+    pub max_delay_ms: u64,
+    /// Attempts in all, the first included (default: 5); at most 1,000.
+    pub max_attempts: u32,
+    /// No new attempt starts this long after the first (default: no deadline).
+    pub deadline_ms: u64,
+}
+
+/// One step of a saga: an action at one participant and the compensation that undoes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Unique within the saga: 1 to 64 of `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// The participant's endpoint, `host:port` or `http://host:port`.
+    pub participant: String,
+    /// The saga step handler inside the participant ("" for its default).
+    pub resource: String,
+    /// Handed to the action. At most 64 KiB.
+    pub action: Vec<u8>,
+    /// Handed to the compensation. At most 64 KiB.
+    pub compensation: Vec<u8>,
+    /// Names of the steps that must succeed before this one starts (graphs only; empty in a
+    /// sequence).
+    pub after: Vec<String>,
+    /// The action's retry policy; `None` for the coordinator's default.
+    pub retry: Option<RetryPolicy>,
+    /// Bound of one action call; `None` for the coordinator's default (10 s).
+    pub timeout: Option<Duration>,
+}
+
+impl Step {
+    pub fn new(
+        name: impl Into<String>,
+        participant: impl Into<String>,
+        resource: impl Into<String>,
+        action: Vec<u8>,
+        compensation: Vec<u8>,
+    ) -> Self {
+        Step {
+            name: name.into(),
+            participant: participant.into(),
+            resource: resource.into(),
+            action,
+            compensation,
+            after: Vec::new(),
+            retry: None,
+            timeout: None,
+        }
+    }
+
+    /// The steps this one waits for (in a [`Saga::graph`]).
+    pub fn after<I, S>(mut self, steps: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.after = steps.into_iter().map(Into::into).collect();
+        self
+    }
+
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    fn into_pb(self) -> pb::SagaStep {
+        pb::SagaStep {
+            name: self.name,
+            participant: self.participant,
+            resource: self.resource,
+            action: self.action,
+            compensation: self.compensation,
+            after: self.after,
+            retry: self.retry.map(|r| pb::RetryPolicy {
+                initial_delay_ms: r.initial_delay_ms,
+                multiplier: r.multiplier,
+                max_delay_ms: r.max_delay_ms,
+                max_attempts: r.max_attempts,
+                deadline_ms: r.deadline_ms,
+            }),
+            timeout_ms: self.timeout.map_or(0, duration_ms),
+        }
+    }
+}
+
+/// How a saga's steps are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SagaShape {
+    /// One after another, in the order given.
+    Sequence,
+    /// Each step as soon as the steps in its `after` have succeeded; independent steps run
+    /// concurrently.
+    Graph,
+}
+
+/// A saga to submit: its steps, how they are ordered, optionally its id and a completion
+/// callback. Validated by the coordinator (1 to 32 steps, unique names, no cycles, payload
+/// sizes): a malformed saga is refused with [`Error::InvalidArgument`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saga {
+    id: Option<TxnId>,
+    steps: Vec<Step>,
+    shape: SagaShape,
+    /// `(participant endpoint, callback handler name)`.
+    callback: Option<(String, String)>,
+}
+
+impl Saga {
+    /// Steps that run one after another in the order given.
+    pub fn sequence(steps: impl IntoIterator<Item = Step>) -> Self {
+        Saga {
+            id: None,
+            steps: steps.into_iter().collect(),
+            shape: SagaShape::Sequence,
+            callback: None,
+        }
+    }
+
+    /// Steps that run as their [`Step::after`] dependencies allow.
+    pub fn graph(steps: impl IntoIterator<Item = Step>) -> Self {
+        Saga {
+            shape: SagaShape::Graph,
+            ..Saga::sequence(steps)
+        }
+    }
+
+    /// Uses `id` as the saga's id (submitting again with it is idempotent). Without it,
+    /// [`TandemClient::submit_saga`] picks a fresh one.
+    pub fn id(mut self, id: TxnId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Has the coordinator report the outcome to the callback handler `name` hosted by the
+    /// participant at `participant` (retried until acknowledged; the handler runs once).
+    pub fn callback(mut self, participant: impl Into<String>, name: impl Into<String>) -> Self {
+        self.callback = Some((participant.into(), name.into()));
+        self
+    }
+
+    /// The id set with [`Saga::id`], if any.
+    pub fn saga_id(&self) -> Option<&TxnId> {
+        self.id.as_ref()
+    }
+
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    pub fn shape(&self) -> SagaShape {
+        self.shape
+    }
+
+    fn into_pb(self, id: &TxnId) -> pb::SubmitSagaRequest {
+        pb::SubmitSagaRequest {
+            saga_id: id.to_string(),
+            steps: self.steps.into_iter().map(Step::into_pb).collect(),
+            sequential: match self.shape {
+                SagaShape::Sequence => true,
+                SagaShape::Graph => false,
+            },
+            callback: self
+                .callback
+                .map(|(participant, resource)| pb::SagaCallback {
+                    participant,
+                    resource,
+                }),
+        }
+    }
+}
+
+/// `d` in whole milliseconds, at least 1 (0 means "the default" on the wire).
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// The coordinator answered something the contract rules out.
+fn malformed_answer(what: &str, problem: String) -> Error {
+    Error::Coordinator {
+        code: tonic::Code::Internal,
+        message: format!("coordinator answered a malformed {what}: {problem}"),
+    }
 }
 
 /// A client of the coordinator. Cheap to clone.
@@ -182,6 +423,158 @@ impl TandemClient {
         Ok(answer.into_inner())
     }
 
+    /// Runs `call` on a fresh handle of the connection; retries (with the same request)
+    /// while the error is retryable, at most [`ATTEMPTS_MAX`] times in all.
+    async fn call_retrying<T, F, Fut>(&self, what: &'static str, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(pb::coordinator_client::CoordinatorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match call(self.inner.clone()).await {
+                Ok(answer) => return Ok(answer.into_inner()),
+                Err(status) => {
+                    let error = status_error(status);
+                    if !error.is_retryable() || attempt >= ATTEMPTS_MAX {
+                        return Err(error);
+                    }
+                    tracing::debug!(call = what, attempt, error = %error, "retrying");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Submits `saga` and returns its id once the coordinator has durably accepted it (it will
+    /// terminate), without waiting for any step. The id is picked before the first attempt
+    /// (unless the saga has one), so retries on a retryable error are idempotent.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a malformed saga, [`Error::AlreadyExists`] if
+    /// the id names a saga with different content.
+    pub async fn submit_saga(&self, saga: Saga) -> Result<TxnId, Error> {
+        let id = saga.saga_id().cloned().unwrap_or_else(Self::new_txn_id);
+        let request = saga.into_pb(&id);
+        let span = tracing::debug_span!("submit_saga", saga = %id);
+        let answer = self
+            .call_retrying("SubmitSaga", |mut client| {
+                let request = request.clone();
+                async move { client.submit_saga(request).await }
+            })
+            .instrument(span)
+            .await?;
+        if answer.saga_id != id.as_str() {
+            return Err(malformed_answer(
+                "saga submission",
+                format!(
+                    "saga id {:?} for the saga submitted as {id}",
+                    answer.saga_id
+                ),
+            ));
+        }
+        Ok(id)
+    }
+
+    /// The saga's current state, with every step's status. A saga the coordinator does not
+    /// know is [`Error::Coordinator`] with code `NotFound`.
+    pub async fn get_saga(&self, id: &TxnId) -> Result<SagaState, Error> {
+        let request = pb::GetSagaRequest {
+            saga_id: id.to_string(),
+        };
+        let span = tracing::debug_span!("get_saga", saga = %id);
+        let state = self
+            .call_retrying("GetSaga", |mut client| {
+                let request = request.clone();
+                async move { client.get_saga(request).await }
+            })
+            .instrument(span)
+            .await?;
+        SagaState::from_pb(state).map_err(|e| malformed_answer("saga state", e))
+    }
+
+    /// Waits until the saga is terminal or `timeout` has passed, and returns its state (check
+    /// [`SagaState::terminal`]). Waits longer than one call may ask for, and calls that fail
+    /// retryably (the coordinator restarting), are covered by calling again until `timeout`.
+    pub async fn wait(&self, id: &TxnId, timeout: Duration) -> Result<SagaState, Error> {
+        let span = tracing::debug_span!("wait_saga", saga = %id);
+        async {
+            let deadline = Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let call_ms = u64::try_from(left.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .min(WAIT_CALL_MS_MAX);
+                let mut request = tonic::Request::new(pb::WaitSagaRequest {
+                    saga_id: id.to_string(),
+                    timeout_ms: call_ms,
+                });
+                let call_bound = Duration::from_millis(call_ms + WAIT_CALL_GRACE_MS);
+                request.set_timeout(call_bound);
+                let mut client = self.inner.clone();
+                let called = Instant::now();
+                let answer = match tokio::time::timeout(call_bound, client.wait_saga(request)).await
+                {
+                    Ok(Ok(answer)) => Ok(answer.into_inner()),
+                    Ok(Err(status)) => Err(status_error(status)),
+                    Err(_) => Err(Error::Unavailable(format!(
+                        "the coordinator did not answer a wait of {call_ms} ms within {} ms",
+                        call_bound.as_millis()
+                    ))),
+                };
+                let over = Instant::now() >= deadline;
+                match answer {
+                    Ok(state) => {
+                        let state = SagaState::from_pb(state)
+                            .map_err(|e| malformed_answer("saga state", e))?;
+                        if state.terminal || over {
+                            return Ok(state);
+                        }
+                        // Not terminal with time left: the coordinator answered early (a
+                        // shorter wait limit of its own). Ask again, without spinning.
+                        if called.elapsed() < Duration::from_millis(call_ms) {
+                            tokio::time::sleep(Duration::from_millis(WAIT_PAUSE_MS).min(left))
+                                .await;
+                        }
+                    }
+                    Err(error) if error.is_retryable() && !over => {
+                        tracing::debug!(error = %error, "waiting again");
+                        tokio::time::sleep(Duration::from_millis(WAIT_PAUSE_MS).min(left)).await;
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Streams the saga's changes in order: every change recorded so far, then each new one
+    /// as it happens, ending after [`crate::SagaChangeKind::Finished`]. An error in the
+    /// stream (the connection broke) ends it; watching again replays from the first change.
+    pub async fn watch(
+        &self,
+        id: &TxnId,
+    ) -> Result<impl Stream<Item = Result<SagaChange, Error>> + Send + Unpin + 'static, Error> {
+        let request = pb::WatchSagaRequest {
+            saga_id: id.to_string(),
+        };
+        let span = tracing::debug_span!("watch_saga", saga = %id);
+        let changes = self
+            .call_retrying("WatchSaga", |mut client| {
+                let request = request.clone();
+                async move { client.watch_saga(request).await }
+            })
+            .instrument(span)
+            .await?;
+        Ok(changes.map(|change| match change {
+            Ok(change) => {
+                SagaChange::from_pb(change).map_err(|e| malformed_answer("saga change", e))
+            }
+            Err(status) => Err(status_error(status)),
+        }))
+    }
+
     /// One bare round trip (for benchmarks and health checks).
     pub async fn ping(&mut self) -> Result<(), Error> {
         self.inner
@@ -189,5 +582,269 @@ impl TandemClient {
             .await
             .map_err(status_error)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sagas_convert_to_the_contract_once() {
+        let id = TxnId::parse("1763850000000-order7").unwrap();
+        let saga = Saga::graph([
+            Step::new(
+                "reserve",
+                "127.0.0.1:1",
+                "stock",
+                b"r".to_vec(),
+                b"u".to_vec(),
+            )
+            .retry(RetryPolicy {
+                max_attempts: 3,
+                ..RetryPolicy::default()
+            })
+            .timeout(Duration::from_micros(10)),
+            Step::new(
+                "charge",
+                "http://127.0.0.1:2",
+                "",
+                b"c".to_vec(),
+                b"r".to_vec(),
+            )
+            .after(["reserve"]),
+        ])
+        .id(id.clone())
+        .callback("127.0.0.1:3", "orders");
+        assert_eq!(saga.saga_id(), Some(&id));
+        assert_eq!(saga.shape(), SagaShape::Graph);
+        let request = saga.into_pb(&id);
+        assert_eq!(request.saga_id, id.as_str());
+        assert!(!request.sequential);
+        assert_eq!(
+            request.callback,
+            Some(pb::SagaCallback {
+                participant: "127.0.0.1:3".into(),
+                resource: "orders".into()
+            })
+        );
+        let reserve = &request.steps[0];
+        assert_eq!(reserve.name, "reserve");
+        assert_eq!(reserve.resource, "stock");
+        assert_eq!(
+            (&reserve.action[..], &reserve.compensation[..]),
+            (&b"r"[..], &b"u"[..])
+        );
+        assert_eq!(reserve.retry.unwrap().max_attempts, 3);
+        assert_eq!(reserve.retry.unwrap().initial_delay_ms, 0, "default");
+        assert_eq!(
+            reserve.timeout_ms, 1,
+            "a sub-millisecond timeout is not \"default\""
+        );
+        let charge = &request.steps[1];
+        assert_eq!(charge.after, vec!["reserve".to_string()]);
+        assert_eq!(charge.retry, None);
+        assert_eq!(charge.timeout_ms, 0, "the coordinator's default");
+
+        let sequence = Saga::sequence(vec![Step::new("a", "p", "", vec![], vec![])]);
+        assert_eq!(sequence.saga_id(), None);
+        let request = sequence.into_pb(&id);
+        assert!(request.sequential);
+        assert_eq!(request.callback, None);
+    }
+
+    /// A stand-in for the coordinator's saga calls, to check the client's side of them: the
+    /// first submission fails UNAVAILABLE, a wait answers "still running" twice before the
+    /// saga is terminal, a watch streams three changes.
+    #[derive(Default)]
+    struct FakeCoordinator {
+        submitted: std::sync::Mutex<Vec<pb::SubmitSagaRequest>>,
+        waits: std::sync::atomic::AtomicU32,
+    }
+
+    fn fake_state(id: &str, phase: pb::SagaPhase) -> pb::SagaState {
+        pb::SagaState {
+            saga_id: id.into(),
+            phase: phase as i32,
+            terminal: matches!(phase, pb::SagaPhase::Completed),
+            accepted_ms: 1,
+            ..Default::default()
+        }
+    }
+
+    #[tonic::async_trait]
+    impl pb::coordinator_server::Coordinator for FakeCoordinator {
+        async fn execute2pc(
+            &self,
+            _: tonic::Request<pb::Execute2pcRequest>,
+        ) -> Result<tonic::Response<pb::Execute2pcResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn get_transaction(
+            &self,
+            _: tonic::Request<pb::GetTransactionRequest>,
+        ) -> Result<tonic::Response<pb::GetTransactionResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn query_outcome(
+            &self,
+            _: tonic::Request<pb::QueryOutcomeRequest>,
+        ) -> Result<tonic::Response<pb::QueryOutcomeResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("fake"))
+        }
+        async fn ping(
+            &self,
+            _: tonic::Request<pb::PingRequest>,
+        ) -> Result<tonic::Response<pb::PingResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pb::PingResponse {}))
+        }
+        async fn submit_saga(
+            &self,
+            request: tonic::Request<pb::SubmitSagaRequest>,
+        ) -> Result<tonic::Response<pb::SubmitSagaResponse>, tonic::Status> {
+            let request = request.into_inner();
+            let saga_id = request.saga_id.clone();
+            let mut submitted = self.submitted.lock().unwrap();
+            submitted.push(request);
+            if submitted.len() == 1 {
+                return Err(tonic::Status::unavailable("briefly down"));
+            }
+            Ok(tonic::Response::new(pb::SubmitSagaResponse { saga_id }))
+        }
+        async fn get_saga(
+            &self,
+            request: tonic::Request<pb::GetSagaRequest>,
+        ) -> Result<tonic::Response<pb::SagaState>, tonic::Status> {
+            let id = request.into_inner().saga_id;
+            if id.ends_with("missing") {
+                return Err(tonic::Status::not_found("no such saga"));
+            }
+            Ok(tonic::Response::new(fake_state(
+                &id,
+                pb::SagaPhase::Running,
+            )))
+        }
+        async fn wait_saga(
+            &self,
+            request: tonic::Request<pb::WaitSagaRequest>,
+        ) -> Result<tonic::Response<pb::SagaState>, tonic::Status> {
+            let request = request.into_inner();
+            if request.timeout_ms == 0 {
+                let state = fake_state(&request.saga_id, pb::SagaPhase::Running);
+                return Ok(tonic::Response::new(state));
+            }
+            let n = self
+                .waits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let phase = if n < 2 {
+                pb::SagaPhase::Running
+            } else {
+                pb::SagaPhase::Completed
+            };
+            Ok(tonic::Response::new(fake_state(&request.saga_id, phase)))
+        }
+        type WatchSagaStream = std::pin::Pin<
+            Box<dyn Stream<Item = Result<pb::SagaChange, tonic::Status>> + Send + 'static>,
+        >;
+        async fn watch_saga(
+            &self,
+            request: tonic::Request<pb::WatchSagaRequest>,
+        ) -> Result<tonic::Response<Self::WatchSagaStream>, tonic::Status> {
+            let id = request.into_inner().saga_id;
+            let change = |seq, kind: pb::SagaChangeKind, outcome| pb::SagaChange {
+                seq,
+                at_ms: seq,
+                kind: kind as i32,
+                step: if seq == 2 {
+                    "debit".into()
+                } else {
+                    String::new()
+                },
+                attempt: 0,
+                detail: String::new(),
+                outcome,
+            };
+            let changes = vec![
+                Ok(change(1, pb::SagaChangeKind::Accepted, None)),
+                Ok(change(2, pb::SagaChangeKind::StepStarted, None)),
+                Ok(change(
+                    3,
+                    pb::SagaChangeKind::Finished,
+                    Some(fake_state(&id, pb::SagaPhase::Completed)),
+                )),
+            ];
+            Ok(tonic::Response::new(Box::pin(tokio_stream::iter(changes))))
+        }
+    }
+
+    async fn fake_coordinator() -> (String, std::sync::Arc<FakeCoordinator>) {
+        let fake = std::sync::Arc::new(FakeCoordinator::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let server = tonic::transport::Server::builder()
+            .add_service(pb::coordinator_server::CoordinatorServer::from_arc(
+                fake.clone(),
+            ))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        tokio::spawn(server);
+        (address, fake)
+    }
+
+    #[tokio::test]
+    async fn submit_retries_with_the_same_id_and_wait_watch_and_get_convert_the_answers() {
+        let (address, fake) = fake_coordinator().await;
+        let client = TandemClient::connect(&address).await.unwrap();
+        let saga = Saga::sequence([Step::new("debit", "p:1", "bank", vec![1], vec![2])]);
+        let id = client.submit_saga(saga).await.unwrap();
+        {
+            let submitted = fake.submitted.lock().unwrap();
+            assert_eq!(submitted.len(), 2, "retried once after UNAVAILABLE");
+            assert_eq!(submitted[0], submitted[1], "the retry is the same request");
+            assert_eq!(submitted[0].saga_id, id.as_str(), "with the client's id");
+        }
+
+        let running = client.wait(&id, Duration::ZERO).await.unwrap();
+        assert!(!running.terminal, "a zero wait answers at once");
+        let done = client.wait(&id, Duration::from_secs(30)).await.unwrap();
+        assert!(done.terminal);
+        assert_eq!(done.outcome(), Some(crate::SagaOutcome::Completed));
+        assert_eq!(
+            fake.waits.load(std::sync::atomic::Ordering::Relaxed),
+            3,
+            "waited again after each early answer"
+        );
+
+        let changes: Vec<SagaChange> = client
+            .watch(&id)
+            .await
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .await
+            .unwrap();
+        assert_eq!(
+            changes.iter().map(|c| c.kind).collect::<Vec<_>>(),
+            [
+                crate::SagaChangeKind::Accepted,
+                crate::SagaChangeKind::StepStarted,
+                crate::SagaChangeKind::Finished
+            ]
+        );
+        assert_eq!(changes[1].step, "debit");
+        assert_eq!(
+            changes[2].outcome.as_ref().map(|s| s.phase),
+            Some(crate::SagaPhase::Completed)
+        );
+
+        let state = client.get_saga(&id).await.unwrap();
+        assert_eq!(state.id, id);
+        assert_eq!(state.phase, crate::SagaPhase::Running);
+        let missing = TxnId::parse("1763850000000-missing").unwrap();
+        assert!(matches!(
+            client.get_saga(&missing).await,
+            Err(Error::Coordinator {
+                code: tonic::Code::NotFound,
+                ..
+            })
+        ));
     }
 }

@@ -11,6 +11,12 @@ pub enum Error {
     /// The request names a resource this participant does not host.
     #[error("no resource named {0:?} is hosted by this participant")]
     UnknownResource(String),
+    /// The request names a saga step handler this participant does not host.
+    #[error("no saga step named {0:?} is hosted by this participant")]
+    UnknownSagaStep(String),
+    /// The request names a saga callback handler this participant does not host.
+    #[error("no saga callback named {0:?} is hosted by this participant")]
+    UnknownSagaCallback(String),
     /// The request contradicts what the branch log recorded (for example a commit of a branch
     /// that voted no): a protocol violation, reported and never acted on.
     #[error("{0}")]
@@ -48,6 +54,8 @@ impl Error {
             }
             Error::InvalidArgument(_)
             | Error::UnknownResource(_)
+            | Error::UnknownSagaStep(_)
+            | Error::UnknownSagaCallback(_)
             | Error::Conflict(_)
             | Error::AlreadyExists(_)
             | Error::Resource(_)
@@ -60,7 +68,9 @@ impl Error {
         let message = self.to_string();
         match self {
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(message),
-            Error::UnknownResource(_) => tonic::Status::not_found(message),
+            Error::UnknownResource(_)
+            | Error::UnknownSagaStep(_)
+            | Error::UnknownSagaCallback(_) => tonic::Status::not_found(message),
             Error::Conflict(_) => tonic::Status::failed_precondition(message),
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
             Error::Unavailable(_) => tonic::Status::unavailable(message),

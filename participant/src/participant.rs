@@ -1,8 +1,10 @@
-//! The participant: a sled database holding the service's trees and the branch log, and the
-//! three calls (prepare, commit, abort) applied through the barrier.
+//! The participant: a sled database holding the service's trees and the SDK's logs, and the
+//! calls applied through the barriers: prepare, commit and abort (two-phase commit, the
+//! branch log and [`crate::barrier`]); act, compensate and saga-finished (sagas, the step log
+//! and [`crate::saga_barrier`], the callback log; in `participant/saga_calls.rs`).
 //!
-//! Each call is applied in a sled transaction over the branch log and the resource's trees:
-//! the barrier reads the branch's record, the resource's code runs (if the barrier says so),
+//! Each call is applied in a sled transaction over the SDK's logs and the service's trees:
+//! the barrier reads the call's record, the service's code runs (if the barrier says so),
 //! and the new record is written, all or nothing. Calls are batched (`crate::batch`): every
 //! call queued while the flusher is busy commits in one sled transaction on the group-commit
 //! flusher's thread (`tandem_common::group_commit`), and the answers are released only after
@@ -12,13 +14,17 @@
 //! also means they never contend with each other or with a flush for sled's global
 //! transaction lock.
 //!
-//! Crash points: `participant.after_prepare_persisted` (a YES is durable, not yet sent) and
-//! `participant.after_commit_applied` (a commit is durable, not yet acknowledged).
+//! Crash points: `participant.after_prepare_persisted` (a YES is durable, not yet sent),
+//! `participant.after_commit_applied` (a commit is durable, not yet acknowledged) and
+//! `participant.after_action_applied` (a saga action succeeded and is durable, not yet
+//! answered).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use tandem_common::crash::crash_point;
 use tandem_common::{
@@ -29,9 +35,26 @@ use crate::barrier::{self, Action, BranchRecord, Call};
 use crate::batch::{Abandon, TxResult, TxnBatcher};
 use crate::error::Error;
 use crate::resource::{BranchContext, ResourceError, ServiceTrees, TwoPhaseResource, Vote};
+use crate::saga::{CompensableResource, SagaCallbackHandler};
 
-/// The tree that holds the branch log (and so the barrier).
+mod saga_calls;
+
+pub use saga_calls::{CallbackDelivery, CallbackRecord};
+
+/// The tree that holds the branch log (and so the 2PC barrier).
 pub const BRANCHES_TREE: &str = "tandem.participant.branches";
+/// The tree that holds the step log (and so the saga barrier).
+pub const STEPS_TREE: &str = "tandem.participant.steps";
+/// The tree that records which saga completion callbacks were delivered to their handler.
+pub const SAGA_CALLBACKS_TREE: &str = "tandem.participant.saga_callbacks";
+
+/// Where the SDK's own trees are among the views of a batch's transaction (it spans every
+/// tree of the participant: these three first, then the service's trees).
+const BRANCHES_VIEW: usize = 0;
+const STEPS_VIEW: usize = 1;
+const SAGA_CALLBACKS_VIEW: usize = 2;
+/// Prefix of the tree names the SDK reserves for itself.
+const RESERVED_TREE_PREFIX: &str = "tandem.";
 
 /// Tunables of a participant.
 #[derive(Debug, Clone)]
@@ -55,19 +78,87 @@ impl Default for ParticipantConfig {
     }
 }
 
-struct Hosted {
-    resource: Arc<dyn TwoPhaseResource>,
-    /// The resource's tree names, as its `trees()` listed them.
+/// A piece of service code the participant hosts (a two-phase resource, a saga step or a
+/// saga callback handler), with the trees it declared.
+struct Hosted<H: ?Sized> {
+    handler: Arc<H>,
+    /// The handler's tree names, as its `trees()` listed them.
     tree_names: Vec<String>,
     /// Where each of those trees is among the participant's trees (and so among the views of
-    /// a batch's transaction, which spans them all; the branch log is at 0).
+    /// a batch's transaction, which spans them all; the SDK's logs come first).
     tree_indices: Vec<usize>,
+}
+
+impl<H: ?Sized> Hosted<H> {
+    /// The handler's trees inside the batch transaction whose views are `views`.
+    fn service_trees<'a>(&'a self, views: &'a [TransactionalTree]) -> ServiceTrees<'a> {
+        ServiceTrees {
+            names: &self.tree_names,
+            indices: &self.tree_indices,
+            views,
+        }
+    }
+}
+
+/// Every tree of the participant, each once, as the builder opens them.
+struct TreeSet {
+    names: Vec<String>,
+    trees: Vec<sled::Tree>,
+}
+
+impl TreeSet {
+    /// Hosts each `(name, handler)` of one kind, opening the trees it declares that are not
+    /// open yet (handlers may share trees). `kind` names the kind in errors.
+    fn host<H: ?Sized>(
+        &mut self,
+        db: &sled::Db,
+        kind: &str,
+        handlers: Vec<(String, Arc<H>)>,
+        trees_of: impl Fn(&H) -> Vec<String>,
+    ) -> Result<BTreeMap<String, Hosted<H>>, Error> {
+        let mut hosted = BTreeMap::new();
+        for (name, handler) in handlers {
+            let tree_names = trees_of(&handler);
+            let mut tree_indices = Vec::with_capacity(tree_names.len());
+            for tree in &tree_names {
+                if tree.starts_with(RESERVED_TREE_PREFIX) {
+                    return Err(Error::InvalidArgument(format!(
+                        "{kind} {name:?} declares tree {tree:?}; names starting with \"{RESERVED_TREE_PREFIX}\" are reserved"
+                    )));
+                }
+                let index = match self.names.iter().position(|t| t == tree) {
+                    Some(index) => index,
+                    None => {
+                        self.names.push(tree.clone());
+                        self.trees.push(db.open_tree(tree)?);
+                        self.trees.len() - 1
+                    }
+                };
+                tree_indices.push(index);
+            }
+            let entry = Hosted {
+                handler,
+                tree_names,
+                tree_indices,
+            };
+            if hosted.insert(name.clone(), entry).is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "{kind} {name:?} is registered twice"
+                )));
+            }
+        }
+        Ok(hosted)
+    }
 }
 
 struct Inner {
     db: sled::Db,
     branches: sled::Tree,
-    resources: BTreeMap<String, Hosted>,
+    steps: sled::Tree,
+    saga_callbacks: sled::Tree,
+    resources: BTreeMap<String, Hosted<dyn TwoPhaseResource>>,
+    saga_steps: BTreeMap<String, Hosted<dyn CompensableResource>>,
+    saga_callback_handlers: BTreeMap<String, Hosted<dyn SagaCallbackHandler>>,
     flusher: GroupCommit,
     batcher: Arc<TxnBatcher>,
     config: ParticipantConfig,
@@ -88,10 +179,14 @@ pub struct Participant {
     inner: Arc<Inner>,
 }
 
-/// Builds a [`Participant`]: the resources it hosts are named before it opens.
+/// Builds a [`Participant`]: the resources, saga steps and saga callback handlers it hosts
+/// are named before it opens. Names are unique within each kind (a resource and a saga step
+/// may share a name); no handler may declare a tree whose name starts with `tandem.`.
 pub struct ParticipantBuilder {
     dir: PathBuf,
     resources: Vec<(String, Arc<dyn TwoPhaseResource>)>,
+    saga_steps: Vec<(String, Arc<dyn CompensableResource>)>,
+    saga_callbacks: Vec<(String, Arc<dyn SagaCallbackHandler>)>,
     config: ParticipantConfig,
 }
 
@@ -99,6 +194,24 @@ impl ParticipantBuilder {
     /// Hosts `resource` under `name` (the `resource` field of a branch; "" is the default).
     pub fn resource(mut self, name: impl Into<String>, resource: impl TwoPhaseResource) -> Self {
         self.resources.push((name.into(), Arc::new(resource)));
+        self
+    }
+
+    /// Hosts the saga step `step` under `name` (the `resource` field of a saga step; "" is
+    /// the default).
+    pub fn saga_step(mut self, name: impl Into<String>, step: impl CompensableResource) -> Self {
+        self.saga_steps.push((name.into(), Arc::new(step)));
+        self
+    }
+
+    /// Hosts the saga completion-callback handler `handler` under `name` (the `resource` of a
+    /// saga's callback; "" is the default).
+    pub fn saga_callback(
+        mut self,
+        name: impl Into<String>,
+        handler: impl SagaCallbackHandler,
+    ) -> Self {
+        self.saga_callbacks.push((name.into(), Arc::new(handler)));
         self
     }
 
@@ -111,54 +224,37 @@ impl ParticipantBuilder {
     pub fn open(self) -> Result<Participant, Error> {
         let db = group_commit::open_db(&self.dir)?;
         let branches = db.open_tree(BRANCHES_TREE)?;
-        let mut resources = BTreeMap::new();
-        // Every tree of the participant, each once (resources may share one); the branch log
-        // first.
-        let mut all_tree_names = vec![BRANCHES_TREE.to_string()];
-        let mut all_trees = vec![branches.clone()];
-        for (name, resource) in self.resources {
-            let tree_names = resource.trees();
-            let mut tree_indices = Vec::with_capacity(tree_names.len());
-            for tree in &tree_names {
-                if tree.starts_with("tandem.") {
-                    return Err(Error::InvalidArgument(format!(
-                        "resource {name:?} declares tree {tree:?}; names starting with \"tandem.\" are reserved"
-                    )));
-                }
-                let index = match all_tree_names.iter().position(|t| t == tree) {
-                    Some(index) => index,
-                    None => {
-                        all_tree_names.push(tree.clone());
-                        all_trees.push(db.open_tree(tree)?);
-                        all_trees.len() - 1
-                    }
-                };
-                tree_indices.push(index);
-            }
-            if resources
-                .insert(
-                    name.clone(),
-                    Hosted {
-                        resource,
-                        tree_names,
-                        tree_indices,
-                    },
-                )
-                .is_some()
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "resource {name:?} is registered twice"
-                )));
-            }
-        }
+        let steps = db.open_tree(STEPS_TREE)?;
+        let saga_callbacks = db.open_tree(SAGA_CALLBACKS_TREE)?;
+        // Every tree of the participant, each once (handlers may share one); the SDK's logs
+        // first, at their `*_VIEW` positions.
+        let mut all = TreeSet {
+            names: vec![
+                BRANCHES_TREE.to_string(),
+                STEPS_TREE.to_string(),
+                SAGA_CALLBACKS_TREE.to_string(),
+            ],
+            trees: vec![branches.clone(), steps.clone(), saga_callbacks.clone()],
+        };
+        debug_assert_eq!(all.names[BRANCHES_VIEW], BRANCHES_TREE);
+        debug_assert_eq!(all.names[STEPS_VIEW], STEPS_TREE);
+        debug_assert_eq!(all.names[SAGA_CALLBACKS_VIEW], SAGA_CALLBACKS_TREE);
+        let resources = all.host(&db, "resource", self.resources, |r| r.trees())?;
+        let saga_steps = all.host(&db, "saga step", self.saga_steps, |s| s.trees())?;
+        let saga_callback_handlers =
+            all.host(&db, "saga callback", self.saga_callbacks, |c| c.trees())?;
         let flusher = GroupCommit::start(db.clone(), &self.dir)
             .map_err(|e| Error::Storage(format!("{}: {e}", self.dir.display())))?;
-        let batcher = TxnBatcher::new(all_trees, flusher.clone());
+        let batcher = TxnBatcher::new(all.trees, flusher.clone());
         Ok(Participant {
             inner: Arc::new(Inner {
                 db,
                 branches,
+                steps,
+                saga_callbacks,
                 resources,
+                saga_steps,
+                saga_callback_handlers,
                 flusher,
                 batcher,
                 config: self.config,
@@ -168,12 +264,18 @@ impl ParticipantBuilder {
     }
 }
 
-fn branch_key(txn: &TxnId, branch: BranchIdx) -> Vec<u8> {
+/// The key of a record about position `index` of transaction (or saga) `txn`: the id, a NUL
+/// (which no id contains) and the index, big-endian (so one id's records sort together).
+fn indexed_key(txn: &TxnId, index: u32) -> Vec<u8> {
     let mut key = Vec::with_capacity(txn.as_str().len() + 5);
     key.extend_from_slice(txn.as_str().as_bytes());
     key.push(0);
-    key.extend_from_slice(&branch.0.to_be_bytes());
+    key.extend_from_slice(&index.to_be_bytes());
     key
+}
+
+fn branch_key(txn: &TxnId, branch: BranchIdx) -> Vec<u8> {
+    indexed_key(txn, branch.0)
 }
 
 fn parse_branch_key(key: &[u8]) -> Option<(TxnId, BranchIdx)> {
@@ -186,7 +288,7 @@ fn parse_branch_key(key: &[u8]) -> Option<(TxnId, BranchIdx)> {
     Some((txn, BranchIdx(branch)))
 }
 
-fn read_record(log: &TransactionalTree, key: &[u8]) -> TxResult<Option<BranchRecord>> {
+fn read_record<R: DeserializeOwned>(log: &TransactionalTree, key: &[u8]) -> TxResult<Option<R>> {
     match log.get(key)? {
         Some(bytes) => codec::decode(&bytes)
             .map(Some)
@@ -195,12 +297,16 @@ fn read_record(log: &TransactionalTree, key: &[u8]) -> TxResult<Option<BranchRec
     }
 }
 
-fn write_record(log: &TransactionalTree, key: &[u8], record: &BranchRecord) -> TxResult<()> {
+fn write_record<R: Serialize + std::fmt::Debug>(
+    log: &TransactionalTree,
+    key: &[u8],
+    record: &R,
+) -> TxResult<()> {
     let bytes = codec::encode(record)
         .map_err(|e| ConflictableTransactionError::Abort(Abandon::Corrupt(e)))?;
     assert!(
         bytes.len() <= RECORD_BYTES_MAX,
-        "branch record of {} bytes exceeds RECORD_BYTES_MAX",
+        "record of {} bytes exceeds RECORD_BYTES_MAX: {record:?}",
         bytes.len()
     );
     log.insert(key, bytes)?;
@@ -252,6 +358,8 @@ impl Participant {
         ParticipantBuilder {
             dir: dir.as_ref().to_path_buf(),
             resources: Vec::new(),
+            saga_steps: Vec::new(),
+            saga_callbacks: Vec::new(),
             config: ParticipantConfig::default(),
         }
     }
@@ -274,7 +382,7 @@ impl Participant {
         Ok(self.inner.flusher.flush().await?)
     }
 
-    fn hosted(&self, resource: &str) -> Result<&Hosted, Error> {
+    fn hosted(&self, resource: &str) -> Result<&Hosted<dyn TwoPhaseResource>, Error> {
         self.inner
             .resources
             .get(resource)
@@ -296,9 +404,10 @@ impl Participant {
             .batcher
             .run(Box::new(move |views, voted_no| match voted_no {
                 None => this.prepare_in(views, &job_ctx, &payload, &coordinator),
-                Some(Abandon::VotedNo(reason)) => {
-                    Ok((record_no_vote_in(&views[0], &job_ctx, reason)?, true))
-                }
+                Some(Abandon::Declined(reason)) => Ok((
+                    record_no_vote_in(&views[BRANCHES_VIEW], &job_ctx, reason)?,
+                    true,
+                )),
                 Some(other) => unreachable!("prepare re-run after {other:?}"),
             }))
             .await?;
@@ -307,14 +416,6 @@ impl Participant {
         }
         tracing::debug!(txn = %ctx.txn, branch = %ctx.branch, ?vote, "prepare answered");
         Ok(vote)
-    }
-
-    fn service_trees<'a>(hosted: &'a Hosted, views: &'a [TransactionalTree]) -> ServiceTrees<'a> {
-        ServiceTrees {
-            names: &hosted.tree_names,
-            indices: &hosted.tree_indices,
-            views,
-        }
     }
 
     /// The prepare, inside a batch's transaction: the vote, and whether this call recorded it
@@ -329,11 +430,11 @@ impl Participant {
     ) -> TxResult<(Vote, bool)> {
         let hosted = self.hosted(&ctx.resource).expect("checked before queuing");
         let key = branch_key(&ctx.txn, ctx.branch);
-        let log = &views[0];
+        let log = &views[BRANCHES_VIEW];
         match barrier::decide(read_record(log, &key)?.as_ref(), Call::Prepare) {
             Action::RunPrepare => {
-                let service = Self::service_trees(hosted, views);
-                match resource_result(hosted.resource.prepare(ctx, payload, &service))? {
+                let service = hosted.service_trees(views);
+                match resource_result(hosted.handler.prepare(ctx, payload, &service))? {
                     Vote::Yes => {
                         let record = BranchRecord::Prepared {
                             resource: ctx.resource.clone(),
@@ -345,7 +446,7 @@ impl Participant {
                         Ok((Vote::Yes, true))
                     }
                     Vote::No { reason } => Err(ConflictableTransactionError::Abort(
-                        Abandon::VotedNo(reason),
+                        Abandon::Declined(reason),
                     )),
                 }
             }
@@ -405,8 +506,8 @@ impl Participant {
         let hosted = self.hosted(resource).expect("checked before queuing");
         let key = branch_key(txn, branch);
         let call = if commit { Call::Commit } else { Call::Abort };
-        let log = &views[0];
-        let recorded = read_record(log, &key)?;
+        let log = &views[BRANCHES_VIEW];
+        let recorded: Option<BranchRecord> = read_record(log, &key)?;
         if let Some(BranchRecord::Prepared {
             resource: prepared_for,
             ..
@@ -418,10 +519,10 @@ impl Participant {
                 ))));
             }
         }
-        let service = Self::service_trees(hosted, views);
+        let service = hosted.service_trees(views);
         match barrier::decide(recorded.as_ref(), call) {
             Action::RunCommit { payload } => {
-                resource_result(hosted.resource.commit(ctx, &payload, &service))?;
+                resource_result(hosted.handler.commit(ctx, &payload, &service))?;
                 let record = BranchRecord::Committed {
                     resource: resource.to_string(),
                     committed_ms: unix_now_ms(),
@@ -430,7 +531,7 @@ impl Participant {
                 Ok(true)
             }
             Action::RunAbort { payload } => {
-                resource_result(hosted.resource.abort(ctx, &payload, &service))?;
+                resource_result(hosted.handler.abort(ctx, &payload, &service))?;
                 let record = BranchRecord::Aborted {
                     was_prepared: true,
                     aborted_ms: unix_now_ms(),
@@ -497,6 +598,22 @@ impl Participant {
     }
 }
 
+/// Holds the flusher thread until the returned sender is dropped, so that every call made
+/// meanwhile queues for one batch.
+#[cfg(test)]
+fn hold_flusher(participant: &Participant) -> std::sync::mpsc::Sender<()> {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    participant
+        .inner
+        .flusher
+        .submit(move || {
+            let _ = held.recv();
+            Box::new(|_| ())
+        })
+        .unwrap();
+    release
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,9 +629,9 @@ mod tests {
     /// A key-value resource whose payload says how prepare behaves: `key=value` writes a
     /// pending entry and votes YES (commit then writes `key`), `no:key` writes a pending entry
     /// and votes NO (so the write must be discarded), `panic` panics.
-    struct Kv;
+    pub(super) struct Kv;
 
-    const KV_TREE: &str = "kv";
+    pub(super) const KV_TREE: &str = "kv";
 
     impl TwoPhaseResource for Kv {
         fn trees(&self) -> Vec<String> {
@@ -571,7 +688,7 @@ mod tests {
         }
     }
 
-    fn ctx(n: u32) -> BranchContext {
+    pub(super) fn ctx(n: u32) -> BranchContext {
         BranchContext {
             txn: TxnId::parse(&format!("1763850000000-t{n}")).unwrap(),
             branch: BranchIdx(0),
@@ -579,27 +696,12 @@ mod tests {
         }
     }
 
-    fn kv_keys(participant: &Participant) -> Vec<String> {
+    pub(super) fn kv_keys(participant: &Participant) -> Vec<String> {
         let tree = participant.db().open_tree(KV_TREE).unwrap();
         tree.iter()
             .keys()
             .map(|k| String::from_utf8(k.unwrap().to_vec()).unwrap())
             .collect()
-    }
-
-    /// Holds the flusher thread until the returned sender is dropped, so that every call made
-    /// meanwhile queues for one batch.
-    fn hold_flusher(participant: &Participant) -> std::sync::mpsc::Sender<()> {
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        participant
-            .inner
-            .flusher
-            .submit(move || {
-                let _ = held.recv();
-                Box::new(|_| ())
-            })
-            .unwrap();
-        release
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

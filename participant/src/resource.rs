@@ -45,7 +45,8 @@ pub struct BranchContext {
 
 /// The service's own trees, inside the current sled transaction.
 pub struct ServiceTrees<'a> {
-    /// The resource's tree names, as [`TwoPhaseResource::trees`] listed them.
+    /// The handler's tree names, as its `trees()` listed them ([`TwoPhaseResource::trees`],
+    /// [`crate::CompensableResource::trees`], [`crate::SagaCallbackHandler::trees`]).
     pub(crate) names: &'a [String],
     /// Where each of those trees is in `views`.
     pub(crate) indices: &'a [usize],
@@ -54,15 +55,15 @@ pub struct ServiceTrees<'a> {
 }
 
 impl ServiceTrees<'_> {
-    /// The tree named `name` (one the resource listed in [`TwoPhaseResource::trees`]).
+    /// The tree named `name` (one the handler listed in its `trees()`).
     ///
-    /// Panics if the resource did not declare it: that is a bug in the resource.
+    /// Panics if the handler did not declare it: that is a bug in the handler.
     pub fn tree(&self, name: &str) -> &TransactionalTree {
         let i = self
             .names
             .iter()
             .position(|n| n == name)
-            .unwrap_or_else(|| panic!("tree {name:?} was not declared by the resource's trees()"));
+            .unwrap_or_else(|| panic!("tree {name:?} was not declared by the handler's trees()"));
         &self.views[self.indices[i]]
     }
 }

@@ -37,23 +37,50 @@ pub fn binaries() -> &'static Binaries {
     BINARIES.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
         // <target>/<profile>/deps/<test binary>
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile> folder").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile> folder")
+            .to_path_buf();
         let target_dir = profile_dir.parent().expect("target folder").to_path_buf();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = std::process::Command::new(cargo);
         build
-            .args(["build", "--quiet", "-p", "tandem-coordinator", "--bin", "tandem", "-p", "tandem-participant", "--bin", "tandem-bank"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "tandem-coordinator",
+                "--bin",
+                "tandem",
+                "-p",
+                "tandem-participant",
+                "--bin",
+                "tandem-bank",
+            ])
             .arg("--target-dir")
             .arg(&target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if release {
             build.arg("--release");
         }
-        let status = build.status().expect("running cargo build for the binaries");
-        assert!(status.success(), "building tandem and tandem-bank failed: {status}");
-        let binaries = Binaries { tandem: profile_dir.join("tandem"), bank: profile_dir.join("tandem-bank") };
-        assert!(binaries.tandem.exists() && binaries.bank.exists(), "binaries missing in {}", profile_dir.display());
+        let status = build
+            .status()
+            .expect("running cargo build for the binaries");
+        assert!(
+            status.success(),
+            "building tandem and tandem-bank failed: {status}"
+        );
+        let binaries = Binaries {
+            tandem: profile_dir.join("tandem"),
+            bank: profile_dir.join("tandem-bank"),
+        };
+        assert!(
+            binaries.tandem.exists() && binaries.bank.exists(),
+            "binaries missing in {}",
+            profile_dir.display()
+        );
         binaries
     })
 }
@@ -76,7 +103,13 @@ pub struct Node {
 impl Node {
     /// A coordinator on a fresh port with its log in `dir`.
     pub async fn coordinator(dir: &Path, crash_at: Option<&str>) -> Node {
-        let mut node = Node { kind: Kind::Coordinator, name: "coordinator".into(), dir: dir.to_path_buf(), port: 0, server: None };
+        let mut node = Node {
+            kind: Kind::Coordinator,
+            name: "coordinator".into(),
+            dir: dir.to_path_buf(),
+            port: 0,
+            server: None,
+        };
         node.start(crash_at).await;
         node
     }
@@ -84,7 +117,9 @@ impl Node {
     /// A bank on a fresh port with `accounts` (e.g. "alice=100,bob=50") in `dir`.
     pub async fn bank(name: &str, dir: &Path, accounts: &str, crash_at: Option<&str>) -> Node {
         let mut node = Node {
-            kind: Kind::Bank { accounts: accounts.into() },
+            kind: Kind::Bank {
+                accounts: accounts.into(),
+            },
             name: name.into(),
             dir: dir.to_path_buf(),
             port: 0,
@@ -102,12 +137,21 @@ impl Node {
         let mut command = match &self.kind {
             Kind::Coordinator => {
                 let mut c = tokio::process::Command::new(&bins.tandem);
-                c.args(["serve", "--listen", &listen, "--data-dir"]).arg(&self.dir);
+                c.args(["serve", "--listen", &listen, "--data-dir"])
+                    .arg(&self.dir);
                 c
             }
             Kind::Bank { accounts } => {
                 let mut c = tokio::process::Command::new(&bins.bank);
-                c.args(["serve", "--listen", &listen, "--accounts", accounts, "--data-dir"]).arg(&self.dir);
+                c.args([
+                    "serve",
+                    "--listen",
+                    &listen,
+                    "--accounts",
+                    accounts,
+                    "--data-dir",
+                ])
+                .arg(&self.dir);
                 c
             }
         };
@@ -146,20 +190,33 @@ impl Node {
 
     /// Waits for the process to die at its crash point; panics if it does not.
     pub async fn expect_crash(&mut self, point: &str) -> ExitStatus {
-        let mut server = self.server.take().unwrap_or_else(|| panic!("{} is not running", self.name));
+        let mut server = self
+            .server
+            .take()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
         let status = server
             .wait(Duration::from_secs(30))
             .await
             .unwrap_or_else(|| panic!("{} did not crash at {point} within 30 s", self.name));
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(libc_sigabrt()), "{} exited with {status}, not at crash point {point}", self.name);
+        assert_eq!(
+            status.signal(),
+            Some(libc_sigabrt()),
+            "{} exited with {status}, not at crash point {point}",
+            self.name
+        );
         status
     }
 
     /// Committed balances of a stopped bank, read from its folder.
     pub fn balances(&self) -> BTreeMap<String, i64> {
-        assert!(self.server.is_none(), "stop {} before reading its folder", self.name);
-        bank::balances_in(&self.dir).unwrap_or_else(|e| panic!("reading {}'s balances: {e}", self.name))
+        assert!(
+            self.server.is_none(),
+            "stop {} before reading its folder",
+            self.name
+        );
+        bank::balances_in(&self.dir)
+            .unwrap_or_else(|e| panic!("reading {}'s balances: {e}", self.name))
     }
 }
 
@@ -198,7 +255,11 @@ pub async fn wait_finished(client: &mut TandemClient, txn: &TxnId) -> Outcome {
             Ok(status) => {
                 match pb::TxnPhase::try_from(status.phase) {
                     Ok(pb::TxnPhase::Committed) => return Outcome::Committed,
-                    Ok(pb::TxnPhase::Aborted) => return Outcome::Aborted { reason: status.reason },
+                    Ok(pb::TxnPhase::Aborted) => {
+                        return Outcome::Aborted {
+                            reason: status.reason,
+                        }
+                    }
                     _ => {}
                 }
                 last = format!("{status:?}");

@@ -17,6 +17,7 @@
 //! The per-transaction state machine is in [`two_phase`]; this module routes events to it and
 //! owns the set of transactions in flight.
 
+pub mod saga;
 pub mod two_phase;
 pub mod types;
 

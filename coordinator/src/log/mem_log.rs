@@ -8,13 +8,21 @@ use std::sync::{Arc, Mutex};
 
 use tandem_common::TxnId;
 
-use super::record::TxnRecord;
+use super::record::{SagaSpecRecord, StoredSaga, TxnRecord};
 use super::{FlushFuture, LogError, TxnLog};
+use crate::engine::saga::SagaProgress;
+
+#[derive(Default, Clone)]
+struct Records {
+    txns: BTreeMap<TxnId, TxnRecord>,
+    saga_specs: BTreeMap<TxnId, SagaSpecRecord>,
+    saga_progress: BTreeMap<TxnId, SagaProgress>,
+}
 
 #[derive(Default)]
 struct State {
-    visible: BTreeMap<TxnId, TxnRecord>,
-    durable: BTreeMap<TxnId, TxnRecord>,
+    visible: Records,
+    durable: Records,
 }
 
 /// An in-memory [`TxnLog`]. Clones share the same storage.
@@ -41,6 +49,7 @@ impl TxnLog for MemLog {
             .lock()
             .unwrap()
             .visible
+            .txns
             .insert(txn.clone(), record.clone());
         Ok(())
     }
@@ -53,7 +62,7 @@ impl TxnLog for MemLog {
     }
 
     fn get(&self, txn: &TxnId) -> Result<Option<TxnRecord>, LogError> {
-        Ok(self.state.lock().unwrap().visible.get(txn).cloned())
+        Ok(self.state.lock().unwrap().visible.txns.get(txn).cloned())
     }
 
     fn scan(&self) -> Result<Vec<(TxnId, TxnRecord)>, LogError> {
@@ -62,8 +71,51 @@ impl TxnLog for MemLog {
             .lock()
             .unwrap()
             .visible
+            .txns
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn put_saga_spec(&self, saga: &TxnId, record: &SagaSpecRecord) -> Result<(), LogError> {
+        let mut state = self.state.lock().unwrap();
+        state
+            .visible
+            .saga_specs
+            .insert(saga.clone(), record.clone());
+        Ok(())
+    }
+
+    fn put_saga_progress(&self, saga: &TxnId, progress: &SagaProgress) -> Result<(), LogError> {
+        let mut state = self.state.lock().unwrap();
+        state
+            .visible
+            .saga_progress
+            .insert(saga.clone(), progress.clone());
+        Ok(())
+    }
+
+    fn get_saga(&self, saga: &TxnId) -> Result<Option<StoredSaga>, LogError> {
+        let state = self.state.lock().unwrap();
+        Ok(state.visible.saga_specs.get(saga).map(|spec| StoredSaga {
+            spec: spec.clone(),
+            progress: state.visible.saga_progress.get(saga).cloned(),
+        }))
+    }
+
+    fn scan_sagas(&self) -> Result<Vec<(TxnId, StoredSaga)>, LogError> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .visible
+            .saga_specs
+            .iter()
+            .map(|(saga, spec)| {
+                let stored = StoredSaga {
+                    spec: spec.clone(),
+                    progress: state.visible.saga_progress.get(saga).cloned(),
+                };
+                (saga.clone(), stored)
+            })
             .collect())
     }
 

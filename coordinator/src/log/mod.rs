@@ -9,6 +9,10 @@
 //! - `flush` shares work between concurrent callers (group commit); it never costs one device
 //!   sync per caller under load.
 //! - `scan` returns every record in transaction-id order (deterministic recovery).
+//! - Sagas are kept apart from 2PC records, as two records per saga: the spec (written once,
+//!   forced by the runtime before the saga is acknowledged) and the progress (replaced at
+//!   every change, never forced). The same visibility and ordering rules apply to both;
+//!   `scan_sagas` returns every saga with a spec, in id order, with its latest progress.
 //!
 //! Implementations: [`sled_log::SledLog`] (the embedded default: sled plus the group-commit
 //! flusher that fdatasyncs) and [`mem_log::MemLog`] (in memory, with a `crash` that drops what
@@ -26,7 +30,9 @@ use std::pin::Pin;
 
 use tandem_common::TxnId;
 
-use record::TxnRecord;
+use record::{SagaSpecRecord, StoredSaga, TxnRecord};
+
+use crate::engine::saga::SagaProgress;
 
 /// A failure of the log's storage. Any of these means the coordinator can no longer prove
 /// what it wrote; the runtime stops rather than guess.
@@ -56,6 +62,14 @@ pub trait TxnLog: Send + Sync + 'static {
     fn get(&self, txn: &TxnId) -> Result<Option<TxnRecord>, LogError>;
     /// Every record, in transaction-id order.
     fn scan(&self) -> Result<Vec<(TxnId, TxnRecord)>, LogError>;
+    /// Writes the spec record of an accepted saga. Visible at once; durable after a flush.
+    fn put_saga_spec(&self, saga: &TxnId, record: &SagaSpecRecord) -> Result<(), LogError>;
+    /// Writes (replaces) a saga's progress. Visible at once; durable after a later flush.
+    fn put_saga_progress(&self, saga: &TxnId, progress: &SagaProgress) -> Result<(), LogError>;
+    /// The saga `saga`, if its spec was written.
+    fn get_saga(&self, saga: &TxnId) -> Result<Option<StoredSaga>, LogError>;
+    /// Every saga, in id order.
+    fn scan_sagas(&self) -> Result<Vec<(TxnId, StoredSaga)>, LogError>;
     /// How many bytes the log occupies on disk (0 where that means nothing).
     fn size_on_disk(&self) -> u64;
 }

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::saga::{SagaProgress, SagaSpec};
 use crate::engine::types::{BranchPhase, BranchTarget, Decision};
 
 /// A digest of a transaction's branches (targets and payloads), to tell a client's retry
@@ -67,4 +68,23 @@ impl TxnRecord {
             }
         }
     }
+}
+
+/// An accepted saga as it was submitted: forced before the submitter hears "accepted", never
+/// replaced. Payloads are stored (the coordinator sends them later); the edge's limit on a
+/// saga's total payload keeps the record under `tandem_common::RECORD_BYTES_MAX`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaSpecRecord {
+    pub spec: SagaSpec,
+    pub fingerprint: Fingerprint,
+    pub accepted_ms: u64,
+}
+
+/// A saga as the log holds it: its spec, and its progress once it has any (progress is
+/// written lazily; a saga whose progress was lost resumes from its last stored progress, and
+/// the participants' barrier makes the re-sent steps harmless).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSaga {
+    pub spec: SagaSpecRecord,
+    pub progress: Option<SagaProgress>,
 }

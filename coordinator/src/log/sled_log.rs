@@ -5,15 +5,21 @@ use std::path::Path;
 
 use tandem_common::{codec, group_commit, GroupCommit, TxnId, RECORD_BYTES_MAX};
 
-use super::record::TxnRecord;
+use super::record::{SagaSpecRecord, StoredSaga, TxnRecord};
 use super::{FlushFuture, LogError, TxnLog};
+use crate::engine::saga::SagaProgress;
 
 /// The tree holding one record per transaction.
 const TXNS_TREE: &str = "tandem.coordinator.txns";
+/// The trees holding each saga's spec and progress, keyed by saga id.
+const SAGA_SPECS_TREE: &str = "tandem.coordinator.saga_specs";
+const SAGA_PROGRESS_TREE: &str = "tandem.coordinator.saga_progress";
 
 pub struct SledLog {
     db: sled::Db,
     txns: sled::Tree,
+    saga_specs: sled::Tree,
+    saga_progress: sled::Tree,
     flusher: GroupCommit,
 }
 
@@ -23,9 +29,17 @@ impl SledLog {
         let storage = |e: sled::Error| LogError::Storage(format!("{}: {e}", dir.display()));
         let db = group_commit::open_db(dir).map_err(storage)?;
         let txns = db.open_tree(TXNS_TREE).map_err(storage)?;
+        let saga_specs = db.open_tree(SAGA_SPECS_TREE).map_err(storage)?;
+        let saga_progress = db.open_tree(SAGA_PROGRESS_TREE).map_err(storage)?;
         let flusher = GroupCommit::start(db.clone(), dir)
             .map_err(|e| LogError::Storage(format!("{}: {e}", dir.display())))?;
-        Ok(SledLog { db, txns, flusher })
+        Ok(SledLog {
+            db,
+            txns,
+            saga_specs,
+            saga_progress,
+            flusher,
+        })
     }
 
     /// The group-commit flusher, for its statistics.
@@ -34,25 +48,63 @@ impl SledLog {
     }
 }
 
-fn decode(txn: &[u8], bytes: &[u8]) -> Result<TxnRecord, LogError> {
+fn decode<T: serde::de::DeserializeOwned>(txn: &[u8], bytes: &[u8]) -> Result<T, LogError> {
     codec::decode(bytes).map_err(|source| LogError::Corrupt {
         txn: String::from_utf8_lossy(txn).into_owned(),
         source,
     })
 }
 
+fn storage(e: sled::Error) -> LogError {
+    LogError::Storage(e.to_string())
+}
+
+/// Writes one record under `id`, after checking the size limit every record must keep.
+fn put_record<T: serde::Serialize>(
+    tree: &sled::Tree,
+    id: &TxnId,
+    record: &T,
+) -> Result<(), LogError> {
+    let bytes = codec::encode(record).map_err(|e| LogError::Storage(e.to_string()))?;
+    assert!(
+        bytes.len() <= RECORD_BYTES_MAX,
+        "{id}: record of {} bytes exceeds RECORD_BYTES_MAX; the request limits should have refused it",
+        bytes.len()
+    );
+    tree.insert(id.as_str(), bytes).map_err(storage)?;
+    Ok(())
+}
+
+fn get_record<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    id: &TxnId,
+) -> Result<Option<T>, LogError> {
+    match tree.get(id.as_str()).map_err(storage)? {
+        Some(bytes) => decode(id.as_str().as_bytes(), &bytes).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Every record of `tree`, in id order.
+fn scan_records<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &str,
+) -> Result<Vec<(TxnId, T)>, LogError> {
+    let mut records = Vec::new();
+    for entry in tree.iter() {
+        let (key, value) = entry.map_err(storage)?;
+        let id = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|k| TxnId::parse(k).ok())
+            .ok_or_else(|| LogError::Storage(format!("malformed key {key:?} in {name}")))?;
+        records.push((id, decode(&key, &value)?));
+    }
+    Ok(records)
+}
+
 impl TxnLog for SledLog {
     fn put(&self, txn: &TxnId, record: &TxnRecord) -> Result<(), LogError> {
-        let bytes = codec::encode(record).map_err(|e| LogError::Storage(e.to_string()))?;
-        assert!(
-            bytes.len() <= RECORD_BYTES_MAX,
-            "{txn}: record of {} bytes exceeds RECORD_BYTES_MAX; the request limits should have refused it",
-            bytes.len()
-        );
-        self.txns
-            .insert(txn.as_str(), bytes)
-            .map_err(|e| LogError::Storage(e.to_string()))?;
-        Ok(())
+        put_record(&self.txns, txn, record)
     }
 
     fn flush(&self) -> FlushFuture {
@@ -61,29 +113,37 @@ impl TxnLog for SledLog {
     }
 
     fn get(&self, txn: &TxnId) -> Result<Option<TxnRecord>, LogError> {
-        match self
-            .txns
-            .get(txn.as_str())
-            .map_err(|e| LogError::Storage(e.to_string()))?
-        {
-            Some(bytes) => decode(txn.as_str().as_bytes(), &bytes).map(Some),
-            None => Ok(None),
-        }
+        get_record(&self.txns, txn)
     }
 
     fn scan(&self) -> Result<Vec<(TxnId, TxnRecord)>, LogError> {
-        let mut records = Vec::new();
-        for entry in self.txns.iter() {
-            let (key, value) = entry.map_err(|e| LogError::Storage(e.to_string()))?;
-            let id = std::str::from_utf8(&key)
-                .ok()
-                .and_then(|k| TxnId::parse(k).ok())
-                .ok_or_else(|| {
-                    LogError::Storage(format!("malformed key {key:?} in {TXNS_TREE}"))
-                })?;
-            records.push((id, decode(&key, &value)?));
+        scan_records(&self.txns, TXNS_TREE)
+    }
+
+    fn put_saga_spec(&self, saga: &TxnId, record: &SagaSpecRecord) -> Result<(), LogError> {
+        put_record(&self.saga_specs, saga, record)
+    }
+
+    fn put_saga_progress(&self, saga: &TxnId, progress: &SagaProgress) -> Result<(), LogError> {
+        put_record(&self.saga_progress, saga, progress)
+    }
+
+    fn get_saga(&self, saga: &TxnId) -> Result<Option<StoredSaga>, LogError> {
+        let Some(spec) = get_record(&self.saga_specs, saga)? else {
+            return Ok(None);
+        };
+        let progress = get_record(&self.saga_progress, saga)?;
+        Ok(Some(StoredSaga { spec, progress }))
+    }
+
+    fn scan_sagas(&self) -> Result<Vec<(TxnId, StoredSaga)>, LogError> {
+        let specs: Vec<(TxnId, SagaSpecRecord)> = scan_records(&self.saga_specs, SAGA_SPECS_TREE)?;
+        let mut sagas = Vec::with_capacity(specs.len());
+        for (saga, spec) in specs {
+            let progress = get_record(&self.saga_progress, &saga)?;
+            sagas.push((saga, StoredSaga { spec, progress }));
         }
-        Ok(records)
+        Ok(sagas)
     }
 
     fn size_on_disk(&self) -> u64 {

@@ -1,9 +1,17 @@
 //! `tandem-bank`: the sample bank service and its command line.
 //!
-//! - `serve`: host the bank's accounts as a Tandem participant;
+//! - `serve`: host the bank's accounts as a Tandem participant (the 2PC resource, the saga
+//!   step and the saga callback handler, all named `bank`);
 //! - `transfer`: move money between two accounts (possibly in two banks) in one 2PC
-//!   transaction through a coordinator; exit code 0 only if it committed;
-//! - `balances`: print a stopped bank's committed balances as one JSON object.
+//!   transaction through a coordinator; exit code 0 only if it committed, 1 if it aborted;
+//! - `transfer --saga`: the same as a saga of two steps (debit, then credit; a failed credit
+//!   compensates the debit). Prints `accepted <saga id>` as soon as the coordinator accepted
+//!   it; with `--wait`, then `completed <id>`, `compensated <id>: ...` or `aborted <id>: ...`.
+//!   Exit code 0 if accepted (without `--wait`) or completed (with it), 1 if compensated or
+//!   aborted, 2 on any error (including a `--wait` that timed out);
+//! - `balances`: print a stopped bank's committed balances as one JSON object;
+//! - `callbacks`: print the saga outcomes a stopped bank's callback handler received, as one
+//!   JSON object keyed by saga id.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
-use tandem_participant::{bank, Outcome, TandemClient, TxnId};
+use tandem_participant::{bank, Outcome, SagaOutcome, TandemClient, TxnId};
 
 #[derive(Parser)]
 #[command(
@@ -37,8 +45,11 @@ enum Command {
         /// Accounts to create if missing, e.g. `alice=100,bob=50` (existing data wins).
         #[arg(long, default_value = "")]
         accounts: String,
+        /// Accounts to mark closed (they refuse credits), e.g. `carol,dave`.
+        #[arg(long, default_value = "")]
+        closed: String,
     },
-    /// Transfer money as one two-phase-commit transaction.
+    /// Transfer money as one two-phase-commit transaction, or with --saga as a saga.
     Transfer {
         /// The coordinator's address.
         #[arg(long, default_value = "127.0.0.1:7400")]
@@ -51,18 +62,97 @@ enum Command {
         to: String,
         #[arg(long)]
         amount: i64,
-        /// Transaction id to use (to retry an earlier transfer); a fresh one by default.
+        /// Transaction (or saga) id to use (to retry an earlier transfer); a fresh one by
+        /// default.
         #[arg(long)]
         txn_id: Option<String>,
-        /// Prepare deadline in milliseconds (the coordinator's default if absent).
-        #[arg(long)]
+        /// Prepare deadline in milliseconds (the coordinator's default if absent; 2PC only).
+        #[arg(long, conflicts_with = "saga")]
         timeout_ms: Option<u64>,
+        /// Run the transfer as a saga (debit step, then credit step) instead of 2PC.
+        #[arg(long)]
+        saga: bool,
+        /// With --saga: wait for the outcome and print it.
+        #[arg(long, requires = "saga")]
+        wait: bool,
+        /// With --wait: how long to wait for the outcome, in milliseconds.
+        #[arg(long, default_value_t = 60_000, requires = "wait")]
+        wait_timeout_ms: u64,
+        /// With --saga: the bank (BANK_ADDR) whose callback handler hears the outcome.
+        #[arg(long, requires = "saga")]
+        callback: Option<String>,
     },
     /// Print a stopped bank's committed balances as JSON.
     Balances {
         #[arg(long, default_value = "./bank-data")]
         data_dir: PathBuf,
     },
+    /// Print the saga outcomes a stopped bank's callback handler received, as JSON.
+    Callbacks {
+        #[arg(long, default_value = "./bank-data")]
+        data_dir: PathBuf,
+    },
+}
+
+/// Parses `carol,dave`.
+fn parse_names(spec: &str) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for name in spec.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        bank::validate_account_name(name)?;
+        names.push(name.to_string());
+    }
+    Ok(names)
+}
+
+/// Runs a saga transfer; see the module docs for what it prints and its exit codes.
+async fn saga_transfer(
+    client: TandemClient,
+    id: TxnId,
+    from: (String, String),
+    to: (String, String),
+    amount: i64,
+    callback: Option<String>,
+    wait: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    let mut saga = bank::transfer_saga((&from.0, &from.1), (&to.0, &to.1), amount).id(id.clone());
+    if let Some(bank_addr) = callback {
+        saga = saga.callback(bank_addr, bank::CALLBACK);
+    }
+    let id = client
+        .submit_saga(saga)
+        .await
+        .with_context(|| format!("saga {id}"))?;
+    // Tests and scripts read this line to learn the saga id.
+    println!("accepted {id}");
+    let Some(timeout) = wait else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let state = client
+        .wait(&id, timeout)
+        .await
+        .with_context(|| format!("waiting for saga {id}"))?;
+    match state.outcome() {
+        Some(SagaOutcome::Completed) => {
+            println!("completed {id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(SagaOutcome::Compensated {
+            failed_step,
+            reason,
+        }) => {
+            println!("compensated {id}: step {failed_step:?} failed: {reason}");
+            Ok(ExitCode::from(1))
+        }
+        Some(SagaOutcome::Aborted { reason }) => {
+            println!("aborted {id}: {reason}");
+            Ok(ExitCode::from(1))
+        }
+        None => bail!(
+            "saga {id} is still {:?} after {} ms",
+            state.phase,
+            timeout.as_millis()
+        ),
+    }
 }
 
 fn split_account(spec: &str, flag: &str) -> anyhow::Result<(String, String)> {
@@ -96,18 +186,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             data_dir,
             accounts,
+            closed,
         } => {
             let accounts =
                 bank::parse_accounts(&accounts).map_err(|e| anyhow!("--accounts: {e}"))?;
+            let closed = parse_names(&closed).map_err(|e| anyhow!("--closed: {e}"))?;
             let participant =
                 bank::open(&data_dir).with_context(|| format!("opening {}", data_dir.display()))?;
             let created = bank::ensure_accounts(&participant, &accounts).await?;
+            bank::close_accounts(&participant, &closed).await?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("--listen {listen}: cannot bind"))?;
             // Tests and scripts read this line to learn the port.
             println!("tandem-bank listening on {}", listener.local_addr()?);
-            tracing::info!(data_dir = %data_dir.display(), ?created, "bank serving");
+            tracing::info!(data_dir = %data_dir.display(), ?created, ?closed, "bank serving");
             participant.serve(listener, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -118,6 +211,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             amount,
             txn_id,
             timeout_ms,
+            saga,
+            wait,
+            wait_timeout_ms,
+            callback,
         } => {
             let from = split_account(&from, "from")?;
             let to = split_account(&to, "to")?;
@@ -129,6 +226,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => TandemClient::new_txn_id(),
             };
             let mut client = TandemClient::connect(&coordinator).await?;
+            if saga {
+                let wait = wait.then(|| Duration::from_millis(wait_timeout_ms));
+                return saga_transfer(client, txn, from, to, amount, callback, wait).await;
+            }
             let branches = bank::transfer_branches((&from.0, &from.1), (&to.0, &to.1), amount);
             let outcome = client
                 .execute_2pc_with(&txn, branches, timeout_ms.map(Duration::from_millis))
@@ -148,6 +249,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Balances { data_dir } => {
             let balances = bank::balances_in(&data_dir)?;
             println!("{}", serde_json::to_string(&balances)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Callbacks { data_dir } => {
+            let received = bank::saga_callbacks_in(&data_dir)?;
+            println!("{}", serde_json::to_string(&received)?);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -172,5 +278,49 @@ async fn main() -> ExitCode {
             eprintln!("tandem-bank: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn saga_options_go_only_with_a_saga_transfer() {
+        let base = [
+            "tandem-bank",
+            "transfer",
+            "--from",
+            "127.0.0.1:1/alice",
+            "--to",
+            "127.0.0.1:2/bob",
+            "--amount",
+            "5",
+        ];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra));
+        assert!(parse(&["--saga", "--wait", "--callback", "127.0.0.1:1"]).is_ok());
+        assert!(parse(&["--wait"]).is_err(), "--wait needs --saga");
+        assert!(
+            parse(&["--callback", "x:1"]).is_err(),
+            "--callback needs --saga"
+        );
+        assert!(parse(&["--saga", "--timeout-ms", "5"]).is_err(), "2PC only");
+        assert!(
+            parse(&["--saga", "--wait-timeout-ms", "5"]).is_err(),
+            "needs --wait"
+        );
+    }
+
+    #[test]
+    fn closed_account_lists_parse_or_name_the_problem() {
+        assert_eq!(parse_names(" carol, dave ,").unwrap(), ["carol", "dave"]);
+        assert!(parse_names("").unwrap().is_empty());
+        assert!(parse_names("a b").unwrap_err().contains("account name"));
     }
 }

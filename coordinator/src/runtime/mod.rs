@@ -18,6 +18,14 @@
 //!
 //! Start-up runs recovery before the first command is taken: every record in the log that is
 //! not finished is handed to the engine as `Recovered`.
+//!
+//! Sagas have their own engine ([`SagaEngine`]) driven by the same loop, with the same rules:
+//! the forced spec write completes before the submitter hears "accepted", progress is written
+//! lazily, and every effect is carried out here. The saga half lives in [`sagas`].
+
+mod sagas;
+
+pub use sagas::{SagaView, SubmitSagaRequest, WatchItem};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -29,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::config::CoordinatorConfig;
+use crate::engine::saga::{SagaEngine, SagaEngineConfig, SagaEvent, SagaTimer};
 use crate::engine::types::{BranchSpec, Decision, Outcome, TxnPhase, TxnStatus};
 use crate::engine::{Durability, Effect, Engine, EngineConfig, Event, Timer};
 use crate::error::CoordinatorError;
@@ -76,6 +85,19 @@ enum Command {
     InFlight {
         reply: oneshot::Sender<usize>,
     },
+    Saga(sagas::SagaCommand),
+}
+
+/// What the loop's tasks (participant calls, flushes) report back.
+enum LoopEvent {
+    TwoPhase(Event),
+    Saga(SagaEvent),
+}
+
+/// A timer in the loop's queue.
+enum TimerEntry {
+    TwoPhase(TxnId, Timer),
+    Saga(TxnId, SagaTimer),
 }
 
 /// The handle gRPC handlers use to talk to the runtime. Cheap to clone.
@@ -114,9 +136,52 @@ impl CoordinatorHandle {
             .await?
     }
 
-    /// How many transactions are in flight.
+    /// How many transactions and sagas are in flight.
     pub async fn in_flight(&self) -> Result<usize, CoordinatorError> {
         self.call(|reply| Command::InFlight { reply }).await
+    }
+
+    /// Accepts a saga (or joins an identical earlier submission) and returns its id once the
+    /// saga is durable.
+    pub async fn submit_saga(&self, request: SubmitSagaRequest) -> Result<TxnId, CoordinatorError> {
+        self.call(|reply| Command::Saga(sagas::SagaCommand::Submit { request, reply }))
+            .await?
+    }
+
+    /// A saga's current state; `None` if there is no such saga.
+    pub async fn get_saga(&self, saga: TxnId) -> Result<Option<SagaView>, CoordinatorError> {
+        self.call(|reply| Command::Saga(sagas::SagaCommand::Get { saga, reply }))
+            .await?
+    }
+
+    /// Waits until the saga is terminal or `timeout` passes, then returns its state.
+    pub async fn wait_saga(
+        &self,
+        saga: TxnId,
+        timeout: Duration,
+    ) -> Result<Option<SagaView>, CoordinatorError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Saga(sagas::SagaCommand::Wait {
+            saga: saga.clone(),
+            reply,
+        });
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| CoordinatorError::ShuttingDown)?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(answer) => answer.map_err(|_| CoordinatorError::ShuttingDown)?,
+            Err(_elapsed) => self.get_saga(saga).await,
+        }
+    }
+
+    /// The saga's changes so far and then as they happen; `None` if there is no such saga.
+    pub async fn watch_saga(
+        &self,
+        saga: TxnId,
+    ) -> Result<Option<mpsc::Receiver<WatchItem>>, CoordinatorError> {
+        self.call(|reply| Command::Saga(sagas::SagaCommand::Watch { saga, reply }))
+            .await?
     }
 }
 
@@ -135,6 +200,14 @@ pub fn start(
         },
         config.rng_seed,
     );
+    let saga_engine = SagaEngine::new(
+        SagaEngineConfig {
+            compensation_backoff: config.saga_compensation_backoff,
+            stuck_after_failures: config.saga_stuck_after_failures,
+            callback_backoff: config.saga_callback_backoff,
+        },
+        config.rng_seed.wrapping_add(1),
+    );
     let mut runtime = Runtime {
         engine,
         log,
@@ -144,9 +217,19 @@ pub fn start(
         timers: BTreeMap::new(),
         timer_seq: 0,
         events_tx,
+        sagas: sagas::SagaSide::new(saga_engine),
     };
     runtime.recover()?;
-    let task = tokio::spawn(async move { runtime.run(commands, events).await });
+    let task = tokio::spawn(async move {
+        use futures::FutureExt;
+        let run = std::panic::AssertUnwindSafe(runtime.run(commands, events));
+        if let Err(panic) = run.catch_unwind().await {
+            // A broken invariant: nothing the runtime holds can be trusted any more. Stop, as
+            // kill -9 would, and let recovery start from what is on disk.
+            let what = tandem_common::group_commit::panic_message(&panic);
+            fatal("the runtime stopped on a broken invariant", &what);
+        }
+    });
     Ok((
         CoordinatorHandle {
             commands: commands_tx,
@@ -163,9 +246,11 @@ struct Runtime {
     /// Clients waiting for a transaction's outcome (the first caller and any retries).
     waiters: HashMap<TxnId, Vec<OutcomeReply>>,
     /// Timers by (due time in ms since the epoch, sequence number for uniqueness).
-    timers: BTreeMap<(u64, u64), (TxnId, Timer)>,
+    timers: BTreeMap<(u64, u64), TimerEntry>,
     timer_seq: u64,
-    events_tx: mpsc::UnboundedSender<Event>,
+    events_tx: mpsc::UnboundedSender<LoopEvent>,
+    /// The saga engine and the clients waiting on sagas.
+    sagas: sagas::SagaSide,
 }
 
 /// Stops the process: the log can no longer prove what it wrote.
@@ -190,14 +275,15 @@ impl Runtime {
             self.apply(effects);
             recovered += 1;
         }
-        tracing::info!(recovered, "recovery done");
+        let sagas = self.recover_sagas()?;
+        tracing::info!(recovered, sagas, "recovery done");
         Ok(())
     }
 
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
-        mut events: mpsc::UnboundedReceiver<Event>,
+        mut events: mpsc::UnboundedReceiver<LoopEvent>,
     ) {
         let mut command_batch = Vec::with_capacity(LOOP_BATCH_MAX);
         let mut event_batch = Vec::with_capacity(LOOP_BATCH_MAX);
@@ -218,7 +304,10 @@ impl Runtime {
                 n = events.recv_many(&mut event_batch, LOOP_BATCH_MAX) => {
                     debug_assert!(n > 0, "the runtime holds a sender, so events never close");
                     for event in event_batch.drain(..) {
-                        self.on_event(event);
+                        match event {
+                            LoopEvent::TwoPhase(event) => self.on_event(event),
+                            LoopEvent::Saga(event) => self.on_saga_event(event),
+                        }
                     }
                 }
                 n = commands.recv_many(&mut command_batch, LOOP_BATCH_MAX) => {
@@ -236,6 +325,7 @@ impl Runtime {
                 let _ = waiter.send(Err(CoordinatorError::ShuttingDown));
             }
         }
+        self.sagas.shut_down();
     }
 
     fn fire_due_timers(&mut self) {
@@ -244,8 +334,12 @@ impl Runtime {
             if entry.key().0 > now {
                 break;
             }
-            let (txn, timer) = entry.remove();
-            self.on_event(Event::TimerFired { txn, timer });
+            match entry.remove() {
+                TimerEntry::TwoPhase(txn, timer) => self.on_event(Event::TimerFired { txn, timer }),
+                TimerEntry::Saga(saga, timer) => {
+                    self.on_saga_event(SagaEvent::TimerFired { saga, timer })
+                }
+            }
         }
     }
 
@@ -286,8 +380,9 @@ impl Runtime {
                 let _ = reply.send(outcome);
             }
             Command::InFlight { reply } => {
-                let _ = reply.send(self.engine.in_flight());
+                let _ = reply.send(self.engine.in_flight() + self.sagas.engine.in_flight());
             }
+            Command::Saga(command) => self.on_saga_command(command),
         }
     }
 
@@ -305,6 +400,20 @@ impl Runtime {
                 self.waiters.entry(txn).or_default().push(reply);
             }
             return;
+        }
+        // An id that names a saga cannot name a transaction too.
+        match self.saga_exists(&txn) {
+            Ok(false) => {}
+            Ok(true) => {
+                let _ = reply.send(Err(CoordinatorError::AlreadyExists {
+                    txn: txn.to_string(),
+                }));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
         }
         // A retry of a decided transaction gets the recorded outcome.
         match self.log.get(&txn) {
@@ -388,7 +497,7 @@ impl Runtime {
                                     error: e.0,
                                 },
                             };
-                            let _ = events.send(event);
+                            let _ = events.send(LoopEvent::TwoPhase(event));
                         }
                         .instrument(span),
                     );
@@ -418,14 +527,13 @@ impl Runtime {
                                     Event::DeliveryFailed { txn, branch, error: e.0 }
                                 }
                             };
-                            let _ = events.send(event);
+                            let _ = events.send(LoopEvent::TwoPhase(event));
                         }
                         .instrument(span),
                     );
                 }
                 Effect::SetTimer { txn, timer, at_ms } => {
-                    self.timer_seq += 1;
-                    self.timers.insert((at_ms, self.timer_seq), (txn, timer));
+                    self.set_timer(at_ms, TimerEntry::TwoPhase(txn, timer));
                 }
                 Effect::Reply { txn, outcome } => {
                     tracing::debug!(txn = %txn, ?outcome, "outcome durable; replying");
@@ -463,10 +571,17 @@ impl Runtime {
                         fatal("forcing a decision to disk failed", &e);
                     }
                     crash_point("coordinator.after_decision_persisted");
-                    let _ = events.send(Event::DecisionDurable { txn });
+                    let _ = events.send(LoopEvent::TwoPhase(Event::DecisionDurable { txn }));
                 });
             }
         }
+    }
+}
+
+impl Runtime {
+    fn set_timer(&mut self, at_ms: u64, entry: TimerEntry) {
+        self.timer_seq += 1;
+        self.timers.insert((at_ms, self.timer_seq), entry);
     }
 }
 

@@ -4,7 +4,12 @@
 //! Every limit from [`crate::config`] is checked here, before anything is started or
 //! written; a violation is `INVALID_ARGUMENT` with a message naming the field and the limit.
 
+pub mod saga;
+
 use std::time::Instant;
+
+use tokio_stream::StreamExt;
+use tracing::Instrument;
 
 use sha2::{Digest, Sha256};
 use tandem_common::{unix_now_ms, TxnId};
@@ -14,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::{
     CoordinatorConfig, BRANCHES_MAX, PARTICIPANT_ADDR_LEN_MAX, PAYLOAD_BYTES_MAX,
-    RESOURCE_NAME_LEN_MAX,
+    RESOURCE_NAME_LEN_MAX, SAGA_WAIT_MS_MAX,
 };
 use crate::engine::types::{BranchPhase, BranchSpec, BranchTarget, Decision, Outcome, TxnPhase};
 use crate::error::CoordinatorError;
@@ -37,7 +42,7 @@ impl CoordinatorService {
     }
 }
 
-fn invalid(message: String) -> CoordinatorError {
+pub(crate) fn invalid(message: String) -> CoordinatorError {
     CoordinatorError::InvalidArgument(message)
 }
 
@@ -78,7 +83,7 @@ pub fn normalize_participant(address: &str) -> Result<String, CoordinatorError> 
     Ok(format!("http://{}:{port}", authority.host()))
 }
 
-fn validate_resource(resource: &str) -> Result<(), CoordinatorError> {
+pub(crate) fn validate_resource(resource: &str) -> Result<(), CoordinatorError> {
     if resource.len() > RESOURCE_NAME_LEN_MAX {
         return Err(invalid(format!(
             "resource name is {} bytes long; at most {RESOURCE_NAME_LEN_MAX} are allowed",
@@ -308,6 +313,82 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         _request: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
         Ok(Response::new(pb::PingResponse {}))
+    }
+
+    type WatchSagaStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::SagaChange, Status>> + Send + 'static>,
+    >;
+
+    async fn submit_saga(
+        &self,
+        request: Request<pb::SubmitSagaRequest>,
+    ) -> Result<Response<pb::SubmitSagaResponse>, Status> {
+        let request =
+            saga::validate_submit_saga(request.into_inner(), &self.config, unix_now_ms())?;
+        let span = tracing::info_span!("submit_saga", saga = %request.saga);
+        let saga = self.handle.submit_saga(request).instrument(span).await?;
+        Ok(Response::new(pb::SubmitSagaResponse {
+            saga_id: saga.to_string(),
+        }))
+    }
+
+    async fn get_saga(
+        &self,
+        request: Request<pb::GetSagaRequest>,
+    ) -> Result<Response<pb::SagaState>, Status> {
+        let saga = saga::parse_saga_id(&request.into_inner().saga_id)?;
+        match self.handle.get_saga(saga.clone()).await? {
+            Some(view) => Ok(Response::new(saga::view_to_pb(&view))),
+            None => Err(CoordinatorError::NotFound {
+                txn: saga.to_string(),
+            }
+            .into()),
+        }
+    }
+
+    async fn wait_saga(
+        &self,
+        request: Request<pb::WaitSagaRequest>,
+    ) -> Result<Response<pb::SagaState>, Status> {
+        let request = request.into_inner();
+        let saga = saga::parse_saga_id(&request.saga_id)?;
+        if request.timeout_ms > SAGA_WAIT_MS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "timeout_ms {} is out of range: at most {SAGA_WAIT_MS_MAX}",
+                request.timeout_ms
+            )));
+        }
+        let timeout = std::time::Duration::from_millis(request.timeout_ms);
+        match self.handle.wait_saga(saga.clone(), timeout).await? {
+            Some(view) => Ok(Response::new(saga::view_to_pb(&view))),
+            None => Err(CoordinatorError::NotFound {
+                txn: saga.to_string(),
+            }
+            .into()),
+        }
+    }
+
+    async fn watch_saga(
+        &self,
+        request: Request<pb::WatchSagaRequest>,
+    ) -> Result<Response<Self::WatchSagaStream>, Status> {
+        let saga = saga::parse_saga_id(&request.into_inner().saga_id)?;
+        let not_found = || -> Status {
+            CoordinatorError::NotFound {
+                txn: saga.to_string(),
+            }
+            .into()
+        };
+        let names = match self.handle.get_saga(saga.clone()).await? {
+            Some(view) => view.step_names,
+            None => return Err(not_found()),
+        };
+        let Some(changes) = self.handle.watch_saga(saga.clone()).await? else {
+            return Err(not_found());
+        };
+        let stream = tokio_stream::wrappers::ReceiverStream::new(changes)
+            .map(move |item| Ok(saga::watch_item_to_pb(&item, &names)));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -1,0 +1,673 @@
+//! The saga half of the runtime: carries out the [`SagaEngine`]'s effects and keeps the clients
+//! that wait on sagas (submitters waiting for acceptance, `wait` callers, `watch` streams).
+//!
+//! Durability: the spec write is the only forced one. `SagaEvent::Accepted` is fed back (and
+//! so the submitter answered, and the first actions sent) only once the flush that covers it
+//! has completed. Progress is written lazily; after a crash the engine resumes from the last
+//! progress that reached the disk and re-sends what was in flight, which the participants'
+//! barrier makes harmless.
+//!
+//! Watch histories: every change of a saga in flight is kept in memory so that a watch started
+//! late still sees the whole story, in order. Histories are bounded: at most
+//! [`HISTORY_CHANGES_MAX`] changes per saga (later retries are then only streamed live, never
+//! stored) and the histories of the [`FINISHED_HISTORIES_MAX`] most recently finished sagas.
+//! A watch of an older finished saga (or one finished before a restart) gets its final state
+//! as a single FINISHED change.
+//!
+//! Crash points: `coordinator.after_saga_accepted` (the spec is durable, the submitter not yet
+//! answered), `coordinator.before_step_recorded` (a step's success received, not yet given to
+//! the engine) and `coordinator.during_compensation` (a compensation succeeded and was
+//! recorded lazily; the next one not yet sent).
+
+use std::collections::{HashMap, VecDeque};
+
+use tandem_common::crash::crash_point;
+use tandem_common::{unix_now_ms, TxnId};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use super::{fatal, LoopEvent, Runtime, TimerEntry};
+use crate::engine::saga::{
+    ActionAnswer, ChangeKind, SagaChange, SagaEffect, SagaEngine, SagaEvent, SagaPhase, SagaSpec,
+    SagaStatus, StepPhase, StepStatus,
+};
+use crate::error::CoordinatorError;
+use crate::log::record::{Fingerprint, SagaSpecRecord, StoredSaga};
+use crate::transport::{CallbackCall, StepCall};
+
+/// Most changes kept per saga for late watchers.
+pub const HISTORY_CHANGES_MAX: usize = 1_000;
+/// How many finished sagas keep their history in memory.
+pub const FINISHED_HISTORIES_MAX: usize = 4_096;
+/// Changes a watcher may fall behind by before it is dropped (its stream then ends early).
+pub const WATCH_BUFFER_CHANGES: usize = 1_024;
+
+/// A validated saga submission.
+#[derive(Debug)]
+pub struct SubmitSagaRequest {
+    pub saga: TxnId,
+    pub spec: SagaSpec,
+    pub fingerprint: Fingerprint,
+}
+
+/// A saga as clients see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaView {
+    pub saga: TxnId,
+    /// The steps' names, in the order of `status.steps`.
+    pub step_names: Vec<String>,
+    pub status: SagaStatus,
+}
+
+/// One item of a watch stream. The FINISHED change carries the final state.
+#[derive(Debug, Clone)]
+pub struct WatchItem {
+    pub change: SagaChange,
+    pub finished: Option<SagaView>,
+}
+
+type SubmitReply = oneshot::Sender<Result<TxnId, CoordinatorError>>;
+type ViewReply = oneshot::Sender<Result<Option<SagaView>, CoordinatorError>>;
+type WatchReply = oneshot::Sender<Result<Option<mpsc::Receiver<WatchItem>>, CoordinatorError>>;
+
+pub(super) enum SagaCommand {
+    Submit {
+        request: SubmitSagaRequest,
+        reply: SubmitReply,
+    },
+    Get {
+        saga: TxnId,
+        reply: ViewReply,
+    },
+    /// Answered at once if the saga is terminal (or unknown), else when it becomes terminal.
+    Wait {
+        saga: TxnId,
+        reply: ViewReply,
+    },
+    Watch {
+        saga: TxnId,
+        reply: WatchReply,
+    },
+}
+
+/// The saga engine and everything the runtime keeps about sagas besides it.
+pub(super) struct SagaSide {
+    pub(super) engine: SagaEngine,
+    /// Step names of the sagas in the engine.
+    step_names: HashMap<TxnId, Vec<String>>,
+    /// Submitters waiting for the forced spec write.
+    accept_waiters: HashMap<TxnId, Vec<SubmitReply>>,
+    /// `wait` callers waiting for a terminal state.
+    terminal_waiters: HashMap<TxnId, Vec<ViewReply>>,
+    watchers: HashMap<TxnId, Vec<mpsc::Sender<WatchItem>>>,
+    histories: HashMap<TxnId, Vec<SagaChange>>,
+    finished_histories: HashMap<TxnId, Vec<SagaChange>>,
+    finished_order: VecDeque<TxnId>,
+}
+
+impl SagaSide {
+    pub(super) fn new(engine: SagaEngine) -> Self {
+        SagaSide {
+            engine,
+            step_names: HashMap::new(),
+            accept_waiters: HashMap::new(),
+            terminal_waiters: HashMap::new(),
+            watchers: HashMap::new(),
+            histories: HashMap::new(),
+            finished_histories: HashMap::new(),
+            finished_order: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn shut_down(&mut self) {
+        for (_, waiters) in self.accept_waiters.drain() {
+            for waiter in waiters {
+                let _ = waiter.send(Err(CoordinatorError::ShuttingDown));
+            }
+        }
+        for (_, waiters) in self.terminal_waiters.drain() {
+            for waiter in waiters {
+                let _ = waiter.send(Err(CoordinatorError::ShuttingDown));
+            }
+        }
+        self.watchers.clear();
+    }
+
+    fn view_in_flight(&self, saga: &TxnId) -> Option<SagaView> {
+        let status = self.engine.status(saga)?;
+        let step_names = self
+            .step_names
+            .get(saga)
+            .cloned()
+            .unwrap_or_else(|| panic!("{saga}: in the saga engine without its step names"));
+        Some(SagaView {
+            saga: saga.clone(),
+            step_names,
+            status,
+        })
+    }
+
+    fn remember_finished_history(&mut self, saga: TxnId, history: Vec<SagaChange>) {
+        if self.finished_order.len() >= FINISHED_HISTORIES_MAX {
+            if let Some(oldest) = self.finished_order.pop_front() {
+                self.finished_histories.remove(&oldest);
+            }
+        }
+        self.finished_order.push_back(saga.clone());
+        self.finished_histories.insert(saga, history);
+    }
+}
+
+fn step_names(spec: &SagaSpec) -> Vec<String> {
+    spec.steps.iter().map(|step| step.name.clone()).collect()
+}
+
+/// A stored saga's view (one the engine has dropped).
+fn view_of_stored(saga: &TxnId, stored: &StoredSaga) -> SagaView {
+    let accepted_ms = stored.spec.accepted_ms;
+    let status = match &stored.progress {
+        Some(progress) => progress.status(accepted_ms),
+        // Accepted, nothing done yet (only seen before recovery has handed it to the engine).
+        None => SagaStatus {
+            phase: SagaPhase::Running,
+            outcome: None,
+            steps: stored
+                .spec
+                .spec
+                .steps
+                .iter()
+                .map(|_| StepStatus {
+                    phase: StepPhase::Pending,
+                    action_attempts: 0,
+                    compensation_attempts: 0,
+                    last_error: None,
+                })
+                .collect(),
+            stuck: false,
+            callback_delivered: false,
+            accepted_ms,
+        },
+    };
+    SagaView {
+        saga: saga.clone(),
+        step_names: step_names(&stored.spec.spec),
+        status,
+    }
+}
+
+impl Runtime {
+    /// Hands every saga in the log that is not finished to the engine. Returns how many.
+    pub(super) fn recover_sagas(&mut self) -> Result<usize, CoordinatorError> {
+        let now = unix_now_ms();
+        let mut recovered = 0;
+        for (saga, stored) in self.log.scan_sagas()? {
+            if stored
+                .progress
+                .as_ref()
+                .is_some_and(|p| p.is_finished(&stored.spec.spec))
+            {
+                continue;
+            }
+            let span = tracing::info_span!("recover_saga", saga = %saga);
+            let _enter = span.enter();
+            tracing::info!("resuming saga");
+            self.sagas
+                .step_names
+                .insert(saga.clone(), step_names(&stored.spec.spec));
+            let StoredSaga { spec, progress } = stored;
+            let effects = self.sagas.engine.step(
+                now,
+                SagaEvent::Recovered {
+                    saga,
+                    spec: spec.spec,
+                    fingerprint: spec.fingerprint,
+                    accepted_ms: spec.accepted_ms,
+                    progress,
+                },
+            );
+            self.apply_saga(effects);
+            recovered += 1;
+        }
+        Ok(recovered)
+    }
+
+    /// Whether `id` names a saga (in flight or in the log).
+    pub(super) fn saga_exists(&self, id: &TxnId) -> Result<bool, CoordinatorError> {
+        Ok(self.sagas.engine.status(id).is_some() || self.log.get_saga(id)?.is_some())
+    }
+
+    fn saga_view(&self, saga: &TxnId) -> Result<Option<SagaView>, CoordinatorError> {
+        if let Some(view) = self.sagas.view_in_flight(saga) {
+            return Ok(Some(view));
+        }
+        Ok(self
+            .log
+            .get_saga(saga)?
+            .map(|stored| view_of_stored(saga, &stored)))
+    }
+
+    pub(super) fn on_saga_command(&mut self, command: SagaCommand) {
+        match command {
+            SagaCommand::Submit { request, reply } => self.on_submit_saga(request, reply),
+            SagaCommand::Get { saga, reply } => {
+                let _ = reply.send(self.saga_view(&saga));
+            }
+            SagaCommand::Wait { saga, reply } => match self.saga_view(&saga) {
+                Ok(Some(view))
+                    if !(view.status.phase.is_terminal() && view.status.outcome.is_some()) =>
+                {
+                    let waiters = self.sagas.terminal_waiters.entry(saga).or_default();
+                    // Waiters that timed out leave closed senders behind; drop them here.
+                    waiters.retain(|w| !w.is_closed());
+                    waiters.push(reply);
+                }
+                answer => {
+                    let _ = reply.send(answer);
+                }
+            },
+            SagaCommand::Watch { saga, reply } => {
+                let _ = reply.send(self.on_watch(saga));
+            }
+        }
+    }
+
+    fn on_submit_saga(&mut self, request: SubmitSagaRequest, reply: SubmitReply) {
+        let saga = request.saga.clone();
+        let exists = |saga: &TxnId| CoordinatorError::AlreadyExists {
+            txn: saga.to_string(),
+        };
+        // A retry of a saga in flight: answered once it is accepted.
+        if let Some(fingerprint) = self.sagas.engine.fingerprint(&saga) {
+            if *fingerprint != request.fingerprint {
+                let _ = reply.send(Err(exists(&saga)));
+            } else if let Some(waiters) = self.sagas.accept_waiters.get_mut(&saga) {
+                waiters.push(reply);
+            } else {
+                let _ = reply.send(Ok(saga));
+            }
+            return;
+        }
+        let known = (|| -> Result<Option<Fingerprint>, CoordinatorError> {
+            if self.engine.lookup(&saga).is_some() || self.log.get(&saga)?.is_some() {
+                return Err(exists(&saga)); // the id names a 2PC transaction
+            }
+            Ok(self
+                .log
+                .get_saga(&saga)?
+                .map(|stored| stored.spec.fingerprint))
+        })();
+        match known {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+            Ok(Some(fingerprint)) => {
+                let answer = if fingerprint == request.fingerprint {
+                    Ok(saga)
+                } else {
+                    Err(exists(&saga))
+                };
+                let _ = reply.send(answer);
+                return;
+            }
+            Ok(None) => {}
+        }
+        let in_flight = self.sagas.engine.in_flight();
+        if in_flight >= self.config.saga_in_flight_max {
+            let _ = reply.send(Err(CoordinatorError::Overloaded {
+                in_flight,
+                limit: self.config.saga_in_flight_max,
+                retry_after_ms: 100,
+            }));
+            return;
+        }
+        self.sagas
+            .step_names
+            .insert(saga.clone(), step_names(&request.spec));
+        self.sagas.accept_waiters.insert(saga.clone(), vec![reply]);
+        let effects = self.sagas.engine.step(
+            unix_now_ms(),
+            SagaEvent::Submit {
+                saga,
+                spec: request.spec,
+                fingerprint: request.fingerprint,
+            },
+        );
+        self.apply_saga(effects);
+    }
+
+    fn on_watch(
+        &mut self,
+        saga: TxnId,
+    ) -> Result<Option<mpsc::Receiver<WatchItem>>, CoordinatorError> {
+        if let Some(history) = self.sagas.histories.get(&saga) {
+            let (sender, receiver) = mpsc::channel(history.len() + WATCH_BUFFER_CHANGES);
+            let mut finished = false;
+            for change in history {
+                finished = change.kind == ChangeKind::Finished;
+                let item = WatchItem {
+                    change: change.clone(),
+                    finished: None,
+                };
+                sender.try_send(item).expect("the buffer holds the history");
+            }
+            if finished {
+                // Terminal, its callback still being delivered: the stream is complete.
+                return Ok(Some(self.finish_watch_stream(saga, receiver)?));
+            }
+            self.sagas.watchers.entry(saga).or_default().push(sender);
+            return Ok(Some(receiver));
+        }
+        let Some(view) = self.saga_view(&saga)? else {
+            return Ok(None);
+        };
+        let history = self
+            .sagas
+            .finished_histories
+            .get(&saga)
+            .cloned()
+            .unwrap_or_else(|| {
+                // Finished before this process started: only the final state is known.
+                vec![SagaChange {
+                    seq: 1,
+                    at_ms: unix_now_ms(),
+                    kind: ChangeKind::Finished,
+                    step: None,
+                    attempt: 0,
+                    detail: String::new(),
+                    outcome: view.status.outcome.clone(),
+                }]
+            });
+        let (sender, receiver) = mpsc::channel(history.len());
+        let last = history.len() - 1;
+        for (i, change) in history.into_iter().enumerate() {
+            let finished = (i == last).then(|| view.clone());
+            let _ = sender.try_send(WatchItem { change, finished });
+        }
+        Ok(Some(receiver))
+    }
+
+    /// Re-sends a complete in-memory history with the final state on its FINISHED change.
+    fn finish_watch_stream(
+        &self,
+        saga: TxnId,
+        mut partial: mpsc::Receiver<WatchItem>,
+    ) -> Result<mpsc::Receiver<WatchItem>, CoordinatorError> {
+        let view = self.saga_view(&saga)?;
+        let mut items = Vec::new();
+        while let Ok(item) = partial.try_recv() {
+            items.push(item);
+        }
+        let (sender, receiver) = mpsc::channel(items.len().max(1));
+        for mut item in items {
+            if item.change.kind == ChangeKind::Finished {
+                item.finished = view.clone();
+            }
+            let _ = sender.try_send(item);
+        }
+        Ok(receiver)
+    }
+
+    pub(super) fn on_saga_event(&mut self, event: SagaEvent) {
+        if matches!(
+            event,
+            SagaEvent::ActionAnswered {
+                answer: ActionAnswer::Succeeded,
+                ..
+            }
+        ) {
+            crash_point("coordinator.before_step_recorded");
+        }
+        let compensated = matches!(
+            event,
+            SagaEvent::CompensationAnswered { answer: Ok(()), .. }
+        );
+        let effects = self.sagas.engine.step(unix_now_ms(), event);
+        self.apply_saga(effects);
+        if compensated {
+            crash_point("coordinator.during_compensation");
+        }
+    }
+
+    pub(super) fn apply_saga(&mut self, effects: Vec<SagaEffect>) {
+        // Writes first (in the order emitted), then everything else: a view read from the log
+        // for a Notify or Terminal of this same step (the engine may already have dropped the
+        // saga) must see this step's progress. Writing progress before sending is safe: a
+        // crash in between only re-sends, which the participants' barrier absorbs.
+        let (writes, others): (Vec<_>, Vec<_>) = effects.into_iter().partition(|effect| {
+            matches!(
+                effect,
+                SagaEffect::PersistSpec { .. }
+                    | SagaEffect::PersistOutcome { .. }
+                    | SagaEffect::PersistProgress { .. }
+            )
+        });
+        for effect in writes.into_iter().chain(others) {
+            match effect {
+                SagaEffect::PersistSpec {
+                    saga,
+                    spec,
+                    fingerprint,
+                    accepted_ms,
+                } => {
+                    let record = SagaSpecRecord {
+                        spec,
+                        fingerprint,
+                        accepted_ms,
+                    };
+                    if let Err(e) = self.log.put_saga_spec(&saga, &record) {
+                        fatal("writing a saga to the log failed", &e);
+                    }
+                    let flush = self.log.flush();
+                    let events = self.events_tx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = flush.await {
+                            fatal("forcing an accepted saga to disk failed", &e);
+                        }
+                        crash_point("coordinator.after_saga_accepted");
+                        let _ = events.send(LoopEvent::Saga(SagaEvent::Accepted { saga }));
+                    });
+                }
+                SagaEffect::PersistOutcome { saga, progress } => {
+                    if let Err(e) = self.log.put_saga_progress(&saga, &progress) {
+                        fatal("writing a saga's outcome to the log failed", &e);
+                    }
+                    let flush = self.log.flush();
+                    let events = self.events_tx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = flush.await {
+                            fatal("forcing a saga's outcome to disk failed", &e);
+                        }
+                        let _ = events.send(LoopEvent::Saga(SagaEvent::OutcomeDurable { saga }));
+                    });
+                }
+                SagaEffect::PersistProgress { saga, progress } => {
+                    if let Err(e) = self.log.put_saga_progress(&saga, &progress) {
+                        fatal("writing a saga's progress to the log failed", &e);
+                    }
+                }
+                SagaEffect::SendAction {
+                    saga,
+                    step,
+                    attempt,
+                    target,
+                    payload,
+                    timeout_ms,
+                } => {
+                    let call = StepCall {
+                        saga: saga.clone(),
+                        step,
+                        step_name: self.step_name(&saga, step),
+                        target,
+                        payload,
+                        timeout: std::time::Duration::from_millis(timeout_ms),
+                    };
+                    let answer = self.transport.act(call);
+                    let events = self.events_tx.clone();
+                    let span = tracing::debug_span!("act", saga = %saga, step, attempt);
+                    tokio::spawn(
+                        async move {
+                            let answer = answer.await.unwrap_or_else(|e| {
+                                tracing::debug!(error = %e.0, "action got no answer; will retry");
+                                ActionAnswer::Unavailable { error: e.0 }
+                            });
+                            let event = SagaEvent::ActionAnswered {
+                                saga,
+                                step,
+                                attempt,
+                                answer,
+                            };
+                            let _ = events.send(LoopEvent::Saga(event));
+                        }
+                        .instrument(span),
+                    );
+                }
+                SagaEffect::SendCompensation {
+                    saga,
+                    step,
+                    attempt,
+                    target,
+                    payload,
+                } => {
+                    let call = StepCall {
+                        saga: saga.clone(),
+                        step,
+                        step_name: self.step_name(&saga, step),
+                        target,
+                        payload,
+                        timeout: self.config.decision_call_timeout(),
+                    };
+                    let answer = self.transport.compensate(call);
+                    let events = self.events_tx.clone();
+                    let span = tracing::debug_span!("compensate", saga = %saga, step, attempt);
+                    tokio::spawn(
+                        async move {
+                            let answer = answer.await.map_err(|e| e.0);
+                            let event = SagaEvent::CompensationAnswered {
+                                saga,
+                                step,
+                                attempt,
+                                answer,
+                            };
+                            let _ = events.send(LoopEvent::Saga(event));
+                        }
+                        .instrument(span),
+                    );
+                }
+                SagaEffect::SendCallback {
+                    saga,
+                    attempt,
+                    target,
+                    ..
+                } => {
+                    let view = match self.saga_view(&saga) {
+                        Ok(Some(view)) => view,
+                        Ok(None) => panic!("{saga}: callback of a saga that does not exist"),
+                        Err(e) => fatal("reading a saga from the log failed", &e),
+                    };
+                    let call = CallbackCall {
+                        saga: saga.clone(),
+                        target,
+                        state: view,
+                        timeout: self.config.decision_call_timeout(),
+                    };
+                    let answer = self.transport.saga_finished(call);
+                    let events = self.events_tx.clone();
+                    let span = tracing::debug_span!("callback", saga = %saga);
+                    tokio::spawn(
+                        async move {
+                            let answer = answer.await.map_err(|e| e.0);
+                            let event = SagaEvent::CallbackAnswered {
+                                saga,
+                                attempt,
+                                answer,
+                            };
+                            let _ = events.send(LoopEvent::Saga(event));
+                        }
+                        .instrument(span),
+                    );
+                }
+                SagaEffect::SetTimer { saga, timer, at_ms } => {
+                    self.set_timer(at_ms, TimerEntry::Saga(saga, timer));
+                }
+                SagaEffect::ReplyAccepted { saga } => {
+                    tracing::debug!(saga = %saga, "saga accepted");
+                    for waiter in self.sagas.accept_waiters.remove(&saga).unwrap_or_default() {
+                        let _ = waiter.send(Ok(saga.clone()));
+                    }
+                }
+                SagaEffect::Notify { saga, change } => self.notify(saga, change),
+                SagaEffect::Terminal { saga, outcome } => {
+                    tracing::debug!(saga = %saga, ?outcome, "saga terminal");
+                    // The engine may have dropped the saga in this very step (no callback
+                    // owed); its progress, outcome included, is in the log by now.
+                    let view = match self.saga_view(&saga) {
+                        Ok(view) => view,
+                        Err(e) => fatal("reading a saga from the log failed", &e),
+                    };
+                    assert!(
+                        view.is_some(),
+                        "{saga} terminal but neither in flight nor stored"
+                    );
+                    for waiter in self
+                        .sagas
+                        .terminal_waiters
+                        .remove(&saga)
+                        .unwrap_or_default()
+                    {
+                        let _ = waiter.send(Ok(view.clone()));
+                    }
+                }
+                SagaEffect::Finished { saga } => {
+                    tracing::debug!(saga = %saga, "saga finished");
+                    self.sagas.step_names.remove(&saga);
+                    self.sagas.watchers.remove(&saga);
+                    let history = self.sagas.histories.remove(&saga).unwrap_or_default();
+                    self.sagas.remember_finished_history(saga, history);
+                }
+            }
+        }
+    }
+
+    fn step_name(&self, saga: &TxnId, step: u32) -> String {
+        self.sagas
+            .step_names
+            .get(saga)
+            .and_then(|names| names.get(step as usize))
+            .cloned()
+            .unwrap_or_else(|| panic!("{saga}: step {step} has no name"))
+    }
+
+    fn notify(&mut self, saga: TxnId, change: SagaChange) {
+        let finished = change.kind == ChangeKind::Finished;
+        let history = self.sagas.histories.entry(saga.clone()).or_default();
+        let retry = matches!(
+            change.kind,
+            ChangeKind::StepRetried | ChangeKind::CompensationRetried
+        );
+        if history.len() < HISTORY_CHANGES_MAX || !retry {
+            history.push(change.clone());
+        }
+        let view = if finished {
+            match self.saga_view(&saga) {
+                Ok(view) => view,
+                Err(e) => fatal("reading a saga from the log failed", &e),
+            }
+        } else {
+            None
+        };
+        if let Some(watchers) = self.sagas.watchers.get_mut(&saga) {
+            watchers.retain(|watcher| {
+                let item = WatchItem {
+                    change: change.clone(),
+                    finished: view.clone(),
+                };
+                // A watcher that fell too far behind is dropped; its stream ends early.
+                watcher.try_send(item).is_ok()
+            });
+        }
+        if finished {
+            self.sagas.watchers.remove(&saga);
+        }
+    }
+}
