@@ -26,6 +26,23 @@ pub use codec::CodecError;
 pub use group_commit::{FlushError, GroupCommit};
 pub use ids::{BranchIdx, IdError, TxnId};
 
+/// Cuts `text` to at most `max` bytes, on a character boundary, marking a cut with "...".
+///
+/// Texts that come from outside (a participant's reason, an error message) end up in records
+/// and answers; cutting them keeps every record under [`RECORD_BYTES_MAX`].
+pub fn clip_text(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut cut = max.saturating_sub(3);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str("...");
+    text
+}
+
 /// Milliseconds since the Unix epoch, read from the system clock.
 ///
 /// Only runtimes call this; protocol engines are handed the time as an input.
@@ -42,3 +59,17 @@ pub fn unix_now_ms() -> u64 {
 /// separate blob file, and its flush never fsyncs blob files. Every Tandem record stays well
 /// below that, so all of them live in the one data file that [`GroupCommit`] fdatasyncs.
 pub const RECORD_BYTES_MAX: usize = 96 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipped_texts_fit_and_end_on_a_character_boundary() {
+        assert_eq!(clip_text("short".into(), 10), "short");
+        let long = "é".repeat(100); // two bytes each
+        let clipped = clip_text(long, 11);
+        assert!(clipped.len() <= 11, "{clipped:?}");
+        assert_eq!(clipped, format!("{}...", "é".repeat(4)));
+    }
+}

@@ -113,12 +113,13 @@ impl GrpcTransport {
     }
 }
 
+/// Longest reason or error text taken from a participant's answer, in bytes: such texts end
+/// up in forced records, which must stay under `tandem_common::RECORD_BYTES_MAX`.
+pub const REASON_BYTES_MAX: usize = 1024;
+
 fn status_error(participant: &str, status: tonic::Status) -> TransportError {
-    TransportError(format!(
-        "{participant}: {:?}: {}",
-        status.code(),
-        status.message()
-    ))
+    let message = format!("{participant}: {:?}: {}", status.code(), status.message());
+    TransportError(tandem_common::clip_text(message, REASON_BYTES_MAX))
 }
 
 impl ParticipantTransport for GrpcTransport {
@@ -147,7 +148,7 @@ impl ParticipantTransport for GrpcTransport {
             match pb::Vote::try_from(answer.vote) {
                 Ok(pb::Vote::Yes) => Ok(Vote::Yes),
                 Ok(pb::Vote::No) => Ok(Vote::No {
-                    reason: answer.reason,
+                    reason: tandem_common::clip_text(answer.reason, REASON_BYTES_MAX),
                 }),
                 Ok(pb::Vote::Unspecified) | Err(_) => Err(TransportError(format!(
                     "{}: prepare answered without a vote ({})",
@@ -190,7 +191,7 @@ impl ParticipantTransport for GrpcTransport {
             match pb::StepResult::try_from(answer.result) {
                 Ok(pb::StepResult::Succeeded) => Ok(ActionAnswer::Succeeded),
                 Ok(pb::StepResult::Failed) => Ok(ActionAnswer::Failed {
-                    reason: answer.reason,
+                    reason: tandem_common::clip_text(answer.reason, REASON_BYTES_MAX),
                 }),
                 Ok(pb::StepResult::Unspecified) | Err(_) => Err(TransportError(format!(
                     "{participant}: action answered without a result ({})",

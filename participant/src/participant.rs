@@ -431,7 +431,32 @@ impl Participant {
         let hosted = self.hosted(&ctx.resource).expect("checked before queuing");
         let key = branch_key(&ctx.txn, ctx.branch);
         let log = &views[BRANCHES_VIEW];
-        match barrier::decide(read_record(log, &key)?.as_ref(), Call::Prepare) {
+        let recorded = read_record(log, &key)?;
+        if let Some(BranchRecord::Prepared {
+            resource,
+            payload: prepared,
+            ..
+        }) = &recorded
+        {
+            // A repeat must be the same request. Another one under this id and branch (a
+            // client retrying an id whose first attempt the coordinator lost) must not be
+            // answered YES on the strength of what was prepared for the first: vote NO, and
+            // the coordinator's abort then releases the old preparation too.
+            if resource != &ctx.resource || prepared.as_slice() != payload {
+                let reason = format!(
+                    "branch {} {} was already prepared with another {}",
+                    ctx.txn,
+                    ctx.branch,
+                    if resource != &ctx.resource {
+                        "resource"
+                    } else {
+                        "payload"
+                    }
+                );
+                return Ok((Vote::No { reason }, false));
+            }
+        }
+        match barrier::decide(recorded.as_ref(), Call::Prepare) {
             Action::RunPrepare => {
                 let service = hosted.service_trees(views);
                 match resource_result(hosted.handler.prepare(ctx, payload, &service))? {
@@ -702,6 +727,44 @@ mod tests {
             .keys()
             .map(|k| String::from_utf8(k.unwrap().to_vec()).unwrap())
             .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_prepare_with_another_payload_votes_no_and_keeps_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let participant = Participant::builder(dir.path())
+            .resource("", Kv)
+            .open()
+            .unwrap();
+        let coordinator = "http://127.0.0.1:1";
+        let vote = participant
+            .prepare(&ctx(7), b"a=1", coordinator)
+            .await
+            .unwrap();
+        assert_eq!(vote, Vote::Yes);
+        assert_eq!(
+            participant
+                .prepare(&ctx(7), b"a=1", coordinator)
+                .await
+                .unwrap(),
+            Vote::Yes,
+            "the same request repeated gets the recorded vote"
+        );
+        match participant
+            .prepare(&ctx(7), b"a=2", coordinator)
+            .await
+            .unwrap()
+        {
+            Vote::No { reason } => assert!(reason.contains("another payload"), "{reason}"),
+            Vote::Yes => panic!("a different payload was answered from the first one's YES"),
+        }
+        match participant
+            .branch_record(&ctx(7).txn, BranchIdx(0))
+            .unwrap()
+        {
+            Some(BranchRecord::Prepared { payload, .. }) => assert_eq!(payload, b"a=1"),
+            other => panic!("the first preparation must stay as it was: {other:?}"),
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,15 +109,8 @@ pub trait SagaCallbackHandler: Send + Sync + 'static {
 }
 
 /// `reason` cut to at most [`REASON_BYTES_MAX`] bytes, at a character boundary.
-pub(crate) fn bounded_reason(mut reason: String) -> String {
-    if reason.len() > REASON_BYTES_MAX {
-        let mut end = REASON_BYTES_MAX;
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-    }
-    reason
+pub(crate) fn bounded_reason(reason: String) -> String {
+    tandem_common::clip_text(reason, REASON_BYTES_MAX)
 }
 
 #[cfg(test)]
@@ -129,7 +122,7 @@ mod tests {
         assert_eq!(bounded_reason("short".into()), "short");
         let long = "é".repeat(REASON_BYTES_MAX);
         let cut = bounded_reason(long);
-        assert!(cut.len() <= REASON_BYTES_MAX && cut.len() >= REASON_BYTES_MAX - 1);
-        assert!(cut.chars().all(|c| c == 'é'));
+        assert!(cut.len() <= REASON_BYTES_MAX && cut.len() >= REASON_BYTES_MAX - 4);
+        assert!(cut.ends_with("...") && cut.trim_end_matches('.').chars().all(|c| c == 'é'));
     }
 }

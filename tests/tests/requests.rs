@@ -205,3 +205,46 @@ async fn a_retry_returns_the_same_outcome_and_other_branches_under_the_same_id_a
     assert_eq!(a.balances()["alice"], 70);
     assert_eq!(b.balances()["bob"], 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_a_participant_was_told_is_aborted_can_never_start_a_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Node::coordinator(&dir.path().join("coordinator"), None).await;
+    let mut a = Node::bank("bank-a", &dir.path().join("bank-a"), "alice=100", None).await;
+    let mut b = Node::bank("bank-b", &dir.path().join("bank-b"), "bob=0", None).await;
+    let mut raw = raw_client(&coordinator.addr()).await;
+    // A participant asks about an id the coordinator never saw (for example, its record was
+    // lost in a crash before the decision): presumed abort.
+    let txn = TandemClient::new_txn_id();
+    let answer = raw
+        .query_outcome(pb::QueryOutcomeRequest {
+            txn_id: txn.to_string(),
+            branch: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.outcome, pb::Outcome::Aborted as i32);
+    // A client retrying that id now must not start it afresh: it is aborted, nothing moves.
+    let mut client = client(&coordinator.addr()).await;
+    let outcome = client
+        .execute_2pc_with(&txn, transfer((&a, "alice"), (&b, "bob"), 30), None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome, Outcome::Aborted { reason } if reason.contains("presumed abort")),
+        "{outcome:?}"
+    );
+    let status = raw
+        .get_transaction(pb::GetTransactionRequest {
+            txn_id: txn.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.outcome, pb::Outcome::Aborted as i32, "{status:?}");
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(a.balances(), BTreeMap::from([("alice".to_string(), 100)]));
+    assert_eq!(b.balances(), BTreeMap::from([("bob".to_string(), 0)]));
+}

@@ -1952,17 +1952,8 @@ impl Saga {
 }
 
 /// Cuts `s` to at most `max` bytes (on a character boundary), marking the cut.
-fn clip(mut s: String, max: usize) -> String {
-    if s.len() <= max {
-        return s;
-    }
-    let mut cut = max.saturating_sub(3);
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    s.truncate(cut);
-    s.push_str("...");
-    s
+fn clip(s: String, max: usize) -> String {
+    tandem_common::clip_text(s, max)
 }
 
 #[cfg(test)]

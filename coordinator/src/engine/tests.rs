@@ -1444,10 +1444,13 @@ impl Sim {
                 );
                 assert_eq!(
                     record.fingerprint(),
-                    &FINGERPRINT,
+                    Some(&FINGERPRINT),
                     "seed {seed}: {effect:?}"
                 );
                 match &record {
+                    TxnRecord::PresumedAborted { .. } => {
+                        panic!("seed {seed}: the engine never writes a presumed abort: {effect:?}")
+                    }
                     TxnRecord::Preparing { .. } => {
                         assert!(
                             matches!(event, Event::Begin { .. }),
@@ -1746,13 +1749,13 @@ impl Sim {
         self.sent.clear();
         self.acked.clear();
         self.replied = false;
-        self.decision = survivor.as_ref().and_then(|r| r.decision().cloned());
+        self.decision = survivor.as_ref().and_then(|r| r.decision());
         self.durable = self.decision.is_some();
         self.finished = matches!(survivor, Some(TxnRecord::Finished { .. }));
         if let Some(announced) = &self.announced {
             let kept = survivor.as_ref().and_then(|r| r.decision());
             assert_eq!(
-                kept,
+                kept.as_ref(),
                 Some(announced),
                 "seed {seed}: the crash lost the announced decision"
             );

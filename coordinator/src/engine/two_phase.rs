@@ -177,7 +177,8 @@ impl TwoPhaseTxn {
                 txn.on_decision_durable(now_ms, effects);
                 Some(txn)
             }
-            TxnRecord::Finished { .. } => None,
+            // Nothing left to do; the runtime does not even hand these over.
+            TxnRecord::Finished { .. } | TxnRecord::PresumedAborted { .. } => None,
         }
     }
 

@@ -31,6 +31,12 @@ pub enum TxnRecord {
         fingerprint: Fingerprint,
         decided_ms: u64,
     },
+    /// A participant asked about a transaction this coordinator had no record of, and was
+    /// told "aborted" (presumed abort). Forced before that answer, so that the id can never
+    /// start a transaction afterwards: a client's retry with the same id is answered
+    /// "aborted" too, instead of preparing again branches a participant has been told to
+    /// abort.
+    PresumedAborted { presumed_ms: u64 },
     /// Every participant acknowledged. Kept so retries and status queries are answered.
     Finished {
         decision: Decision,
@@ -42,11 +48,13 @@ pub enum TxnRecord {
 }
 
 impl TxnRecord {
-    pub fn fingerprint(&self) -> &Fingerprint {
+    /// The digest of the branches; `None` for a presumed abort (no branches were known).
+    pub fn fingerprint(&self) -> Option<&Fingerprint> {
         match self {
             TxnRecord::Preparing { fingerprint, .. }
             | TxnRecord::Decided { fingerprint, .. }
-            | TxnRecord::Finished { fingerprint, .. } => fingerprint,
+            | TxnRecord::Finished { fingerprint, .. } => Some(fingerprint),
+            TxnRecord::PresumedAborted { .. } => None,
         }
     }
 
@@ -55,20 +63,36 @@ impl TxnRecord {
             TxnRecord::Preparing { branches, .. }
             | TxnRecord::Decided { branches, .. }
             | TxnRecord::Finished { branches, .. } => branches,
+            TxnRecord::PresumedAborted { .. } => &[],
         }
     }
 
     /// The decision, if this record holds one (a `Decided` record is durable by the time
     /// anyone can read it through the engine's rules).
-    pub fn decision(&self) -> Option<&Decision> {
+    pub fn decision(&self) -> Option<Decision> {
         match self {
             TxnRecord::Preparing { .. } => None,
             TxnRecord::Decided { decision, .. } | TxnRecord::Finished { decision, .. } => {
-                Some(decision)
+                Some(decision.clone())
             }
+            TxnRecord::PresumedAborted { .. } => Some(Decision::Abort {
+                reason: PRESUMED_ABORT_REASON.to_string(),
+            }),
+        }
+    }
+
+    /// Nothing is left to do for this transaction.
+    pub fn is_finished(&self) -> bool {
+        match self {
+            TxnRecord::Finished { .. } | TxnRecord::PresumedAborted { .. } => true,
+            TxnRecord::Preparing { .. } | TxnRecord::Decided { .. } => false,
         }
     }
 }
+
+/// The reason given for a transaction aborted by presumption.
+pub const PRESUMED_ABORT_REASON: &str =
+    "aborted: the coordinator had no record of this transaction when a participant asked (presumed abort)";
 
 /// An accepted saga as it was submitted: forced before the submitter hears "accepted", never
 /// replaced. Payloads are stored (the coordinator sends them later); the edge's limit on a

@@ -265,7 +265,7 @@ impl Runtime {
         let now = unix_now_ms();
         let mut recovered = 0usize;
         for (txn, record) in self.log.scan()? {
-            if matches!(record, TxnRecord::Finished { .. }) {
+            if record.is_finished() {
                 continue;
             }
             let span = tracing::info_span!("recover", txn = %txn);
@@ -368,12 +368,14 @@ impl Runtime {
                     Some((_, None)) => Ok(QueriedOutcome::Pending),
                     None => match self.log.get(&txn) {
                         Ok(Some(record)) => {
-                            Ok(record.decision().map(queried).unwrap_or_else(|| {
+                            Ok(record.decision().map(|d| queried(&d)).unwrap_or_else(|| {
                                 panic!("{txn}: undecided record in the log but not in flight")
                             }))
                         }
-                        // Presumed abort: no record means it never committed.
-                        Ok(None) => Ok(QueriedOutcome::Aborted),
+                        Ok(None) => {
+                            self.pin_presumed_abort(txn, reply);
+                            return;
+                        }
                         Err(e) => Err(e.into()),
                     },
                 };
@@ -417,8 +419,23 @@ impl Runtime {
         }
         // A retry of a decided transaction gets the recorded outcome.
         match self.log.get(&txn) {
+            Ok(Some(record @ TxnRecord::PresumedAborted { .. })) => {
+                // The pin may not be durable yet: answer once a flush covers it.
+                let outcome = record.decision().map(|d| d.outcome());
+                let flush = self.log.flush();
+                tokio::spawn(async move {
+                    if let Err(e) = flush.await {
+                        fatal("forcing a presumed abort to disk failed", &e);
+                    }
+                    let _ = reply.send(Ok(outcome.expect("a presumed abort is decided")));
+                });
+                return;
+            }
             Ok(Some(record)) => {
-                let answer = if *record.fingerprint() != request.fingerprint {
+                let answer = if record
+                    .fingerprint()
+                    .is_some_and(|fingerprint| *fingerprint != request.fingerprint)
+                {
                     Err(CoordinatorError::AlreadyExists {
                         txn: txn.to_string(),
                     })
@@ -579,6 +596,31 @@ impl Runtime {
 }
 
 impl Runtime {
+    /// Presumed abort for a transaction this coordinator has no record of: the answer is
+    /// "aborted", and a record saying so is forced first. Without it, a client retrying the
+    /// same id could start the transaction afresh, and a participant's old prepared branch
+    /// could vote YES to the new attempt while it applies the abort it was told of.
+    fn pin_presumed_abort(
+        &mut self,
+        txn: TxnId,
+        reply: oneshot::Sender<Result<QueriedOutcome, CoordinatorError>>,
+    ) {
+        let record = TxnRecord::PresumedAborted {
+            presumed_ms: unix_now_ms(),
+        };
+        if let Err(e) = self.log.put(&txn, &record) {
+            fatal("writing to the transaction log failed", &e);
+        }
+        tracing::info!(txn = %txn, "no record of a transaction a participant asked about; presumed aborted");
+        let flush = self.log.flush();
+        tokio::spawn(async move {
+            if let Err(e) = flush.await {
+                fatal("forcing a presumed abort to disk failed", &e);
+            }
+            let _ = reply.send(Ok(QueriedOutcome::Aborted));
+        });
+    }
+
     fn set_timer(&mut self, at_ms: u64, entry: TimerEntry) {
         self.timer_seq += 1;
         self.timers.insert((at_ms, self.timer_seq), entry);
@@ -611,6 +653,11 @@ fn status_of_record(record: TxnRecord) -> TxnStatus {
             .collect()
     };
     match &record {
+        TxnRecord::PresumedAborted { .. } => TxnStatus {
+            phase: TxnPhase::Finished,
+            decision: record.decision(),
+            branches: Vec::new(),
+        },
         TxnRecord::Preparing { branches, .. } => TxnStatus {
             phase: TxnPhase::Preparing,
             decision: None,
