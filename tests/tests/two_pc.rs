@@ -347,3 +347,30 @@ async fn two_hundred_concurrent_transfers_conserve_money_and_match_what_clients_
         "negative balance: {actual:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_transfers_and_sagas_and_conserves_money() {
+    let output = tokio::process::Command::new(&binaries().tandem)
+        .args(["demo", "--transfers", "60", "--sagas", "40"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for line in [
+        "committed: ",
+        "aborted: ",
+        "completed: ",
+        "compensated: ",
+        "(equal)",
+    ] {
+        assert!(
+            stdout.contains(line),
+            "demo output lacks {line:?}: {stdout}"
+        );
+    }
+}

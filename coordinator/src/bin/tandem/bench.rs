@@ -1,4 +1,5 @@
-//! `tandem bench 2pc`: throughput and latency of two-phase commit, beside the bare RPC rate.
+//! `tandem bench 2pc` and `tandem bench saga`: throughput and latency of two-phase commit and
+//! of sagas, beside the bare RPC rate.
 //!
 //! The coordinator and each bank participant run as separate processes (this binary, with
 //! `serve` and the hidden `bench-participant`), on temp folders, as in production. The
@@ -8,6 +9,12 @@
 //! same concurrency, and prints
 //! `efficiency = tps × RPCs per transaction / ping rate`
 //! (a transfer costs 5 RPCs: execute, two prepares, two commits).
+//!
+//! `bench saga` runs sequential sagas of `--steps` steps (a debit, then credits spread over
+//! the banks) and measures submit-to-completion (the client waits with `WaitSaga`, a parked
+//! call); a saga costs `steps + 1` RPCs on its critical path (submit, one action per step).
+//! `--submit-only` measures accepted submissions per second instead; the sagas still run in
+//! the background, as they would in production.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,16 +23,49 @@ use anyhow::{anyhow, bail, Context};
 use clap::Subcommand;
 use tandem_common::child::ChildServer;
 use tandem_common::SplitMix64;
-use tandem_participant::{bank, Outcome, TandemClient};
+use tandem_participant::{bank, Outcome, Saga, SagaOutcome, Step, TandemClient};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Two-phase-commit transfers between bank participants.
     #[command(name = "2pc")]
     TwoPc(TwoPcArgs),
+    /// Saga transfers: a debit and credits, as a sequence.
+    Saga(SagaArgs),
     /// (internal) A bank participant process for the benchmark.
     #[command(hide = true)]
     Participant(ParticipantArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SagaArgs {
+    /// Steps per saga (at least 2: a debit and one credit).
+    #[arg(long, default_value_t = 3)]
+    steps: u32,
+    /// Bank participant processes; the steps are spread over them.
+    #[arg(long, default_value_t = 2)]
+    participants: u32,
+    /// Sagas in flight at once (closed loops).
+    #[arg(long, default_value_t = 64)]
+    concurrency: u32,
+    /// How long to measure, e.g. 10s, 500ms, 1m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Load before measuring (not counted).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// How long to measure the bare ping rate.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    ping_duration: Duration,
+    /// Accounts per bank.
+    #[arg(long, default_value_t = 1_000)]
+    accounts: u32,
+    /// Measure accepted submissions per second, without waiting for completion.
+    #[arg(long)]
+    submit_only: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -95,6 +135,7 @@ fn account(i: u64) -> String {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::TwoPc(args) => two_pc(args).await,
+        BenchCommand::Saga(args) => saga(args).await,
         BenchCommand::Participant(args) => participant(args).await,
     }
 }
@@ -128,35 +169,9 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.accounts == 0 {
         bail!("--concurrency and --accounts must be at least 1");
     }
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let folders = tempfile::tempdir()?;
-    let spawn_timeout = Duration::from_secs(30);
-    let mut coordinator_cmd = tokio::process::Command::new(&exe);
-    coordinator_cmd
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(folders.path().join("coordinator"));
-    let coordinator = ChildServer::spawn(coordinator_cmd, "coordinator", spawn_timeout).await?;
-    let mut banks = Vec::new();
-    for i in 0..args.participants {
-        let mut cmd = tokio::process::Command::new(&exe);
-        cmd.args([
-            "bench",
-            "participant",
-            "--listen",
-            "127.0.0.1:0",
-            "--accounts",
-            &args.accounts.to_string(),
-            "--data-dir",
-        ])
-        .arg(folders.path().join(format!("bank-{i}")));
-        banks.push(ChildServer::spawn(cmd, &format!("bank-{i}"), spawn_timeout).await?);
-    }
-    let bank_addrs: Vec<String> = banks.iter().map(|b| b.address()).collect();
-    let connections = args.concurrency.clamp(1, 8);
-    let mut clients = Vec::new();
-    for _ in 0..connections {
-        clients.push(TandemClient::connect(&coordinator.address()).await?);
-    }
+    let cluster = Cluster::start(args.participants, args.accounts, &[]).await?;
+    let (coordinator, bank_addrs, clients) =
+        (&cluster.coordinator, &cluster.bank_addrs, &cluster.clients);
     if !args.json {
         eprintln!(
             "bench 2pc: coordinator {} + {} banks ({} accounts each), concurrency {}, {:?} after {:?} warm-up",
@@ -165,21 +180,7 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
     }
 
     // 1. The bare RPC rate between this process and the coordinator, same concurrency.
-    let ping_end = Instant::now() + args.ping_duration;
-    let pings = futures::future::join_all((0..args.concurrency).map(|i| {
-        let mut client = clients[i as usize % clients.len()].clone();
-        async move {
-            let mut n = 0u64;
-            while Instant::now() < ping_end {
-                client.ping().await?;
-                n += 1;
-            }
-            Ok::<u64, tandem_participant::Error>(n)
-        }
-    }))
-    .await;
-    let ping_rate =
-        pings.into_iter().sum::<Result<u64, _>>()? as f64 / args.ping_duration.as_secs_f64();
+    let ping_rate = ping_rate(clients, args.concurrency, args.ping_duration).await?;
 
     // 2. Closed-loop transfers; latencies recorded only after the warm-up.
     let start = Instant::now();
@@ -268,8 +269,261 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
         );
         println!("efficiency:  {efficiency:.2} (= tps x {RPCS_PER_TRANSFER} RPCs / ping rate)");
     }
-    drop(banks);
-    drop(coordinator);
+    drop(cluster);
+    Ok(())
+}
+
+/// The processes of one benchmark run, each on a temp folder and an OS-assigned port.
+struct Cluster {
+    coordinator: ChildServer,
+    _banks: Vec<ChildServer>,
+    bank_addrs: Vec<String>,
+    /// A few client connections to share among the closed loops.
+    clients: Vec<TandemClient>,
+    _folders: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(
+        participants: u32,
+        accounts: u32,
+        serve_args: &[&str],
+    ) -> anyhow::Result<Cluster> {
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let folders = tempfile::tempdir()?;
+        let spawn_timeout = Duration::from_secs(30);
+        let mut coordinator_cmd = tokio::process::Command::new(&exe);
+        coordinator_cmd
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(serve_args)
+            .arg("--data-dir")
+            .arg(folders.path().join("coordinator"));
+        let coordinator = ChildServer::spawn(coordinator_cmd, "coordinator", spawn_timeout).await?;
+        let mut banks = Vec::new();
+        for i in 0..participants {
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.args([
+                "bench",
+                "participant",
+                "--listen",
+                "127.0.0.1:0",
+                "--accounts",
+                &accounts.to_string(),
+                "--data-dir",
+            ])
+            .arg(folders.path().join(format!("bank-{i}")));
+            banks.push(ChildServer::spawn(cmd, &format!("bank-{i}"), spawn_timeout).await?);
+        }
+        let bank_addrs = banks.iter().map(|b| b.address()).collect();
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(TandemClient::connect(&coordinator.address()).await?);
+        }
+        Ok(Cluster {
+            coordinator,
+            _banks: banks,
+            bank_addrs,
+            clients,
+            _folders: folders,
+        })
+    }
+}
+
+/// Bare gRPC pings per second to the coordinator, `concurrency` calls in flight.
+async fn ping_rate(
+    clients: &[TandemClient],
+    concurrency: u32,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let end = Instant::now() + duration;
+    let pings = futures::future::join_all((0..concurrency).map(|i| {
+        let mut client = clients[i as usize % clients.len()].clone();
+        async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                client.ping().await?;
+                n += 1;
+            }
+            Ok::<u64, tandem_participant::Error>(n)
+        }
+    }))
+    .await;
+    Ok(pings.into_iter().sum::<Result<u64, _>>()? as f64 / duration.as_secs_f64())
+}
+
+/// One saga transfer of `steps` steps: a debit of `steps - 1` at one bank, then credits of 1,
+/// each at the next bank in turn, between random accounts.
+fn saga_transfer(bank_addrs: &[String], accounts: u64, steps: u32, rng: &mut SplitMix64) -> Saga {
+    let banks = bank_addrs.len() as u64;
+    let first = rng.next_u64() % banks;
+    let from = account(rng.next_u64() % accounts);
+    let credits = i64::from(steps) - 1;
+    let mut list = vec![Step::new(
+        "debit",
+        bank_addrs[first as usize].clone(),
+        bank::SAGA_STEP,
+        bank::BankOp::Debit {
+            account: from.clone(),
+            amount: credits,
+        }
+        .encode(),
+        bank::BankOp::Credit {
+            account: from,
+            amount: credits,
+        }
+        .encode(),
+    )];
+    for i in 1..steps {
+        let at = &bank_addrs[((first + u64::from(i)) % banks) as usize];
+        let to = account(rng.next_u64() % accounts);
+        list.push(Step::new(
+            format!("credit-{i}"),
+            at.clone(),
+            bank::SAGA_STEP,
+            bank::BankOp::Credit {
+                account: to.clone(),
+                amount: 1,
+            }
+            .encode(),
+            bank::BankOp::Debit {
+                account: to,
+                amount: 1,
+            }
+            .encode(),
+        ));
+    }
+    Saga::sequence(list)
+}
+
+async fn saga(args: SagaArgs) -> anyhow::Result<()> {
+    if args.steps < 2 || args.steps > 32 {
+        bail!("--steps must be between 2 and 32 (a debit and at least one credit)");
+    }
+    if args.participants == 0 || args.concurrency == 0 || args.accounts == 0 {
+        bail!("--participants, --concurrency and --accounts must be at least 1");
+    }
+    // Submissions outrun execution in --submit-only: let the backlog grow instead of
+    // measuring the admission limit.
+    let serve_args: &[&str] = if args.submit_only {
+        &["--saga-in-flight-max", "10000000"]
+    } else {
+        &[]
+    };
+    let cluster = Cluster::start(args.participants, args.accounts, serve_args).await?;
+    let mode = if args.submit_only {
+        "submit-only"
+    } else {
+        "submit to completion"
+    };
+    if !args.json {
+        eprintln!(
+            "bench saga: coordinator {} + {} banks ({} accounts each), {} steps, concurrency {}, {mode}, {:?} after {:?} warm-up",
+            cluster.coordinator.address(), args.participants, args.accounts, args.steps, args.concurrency, args.duration, args.warmup
+        );
+    }
+    let ping_rate = ping_rate(&cluster.clients, args.concurrency, args.ping_duration).await?;
+
+    let start = Instant::now();
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    let workers = futures::future::join_all((0..args.concurrency).map(|i| {
+        let client = cluster.clients[i as usize % cluster.clients.len()].clone();
+        let bank_addrs = cluster.bank_addrs.clone();
+        let (accounts, steps, submit_only) =
+            (u64::from(args.accounts), args.steps, args.submit_only);
+        async move {
+            let mut rng = SplitMix64::new(0x5a6a ^ u64::from(i));
+            let (mut latencies, mut completed, mut compensated) = (Vec::new(), 0u64, 0u64);
+            loop {
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                let id = client
+                    .submit_saga(saga_transfer(&bank_addrs, accounts, steps, &mut rng))
+                    .await?;
+                let state = if submit_only {
+                    None
+                } else {
+                    Some(client.wait(&id, Duration::from_secs(60)).await?)
+                };
+                let done = Instant::now();
+                if now >= measure_from && done <= end {
+                    latencies.push(done.duration_since(now).as_micros() as u64);
+                    match state.and_then(|s| s.outcome()) {
+                        None if submit_only => completed += 1,
+                        Some(SagaOutcome::Completed) => completed += 1,
+                        Some(_) => compensated += 1,
+                        None => {
+                            return Err(tandem_participant::Error::Unavailable(format!(
+                                "saga {id} did not finish within 60 s"
+                            )))
+                        }
+                    }
+                }
+            }
+            Ok::<_, tandem_participant::Error>((latencies, completed, compensated))
+        }
+    }))
+    .await;
+    let (mut latencies, mut completed, mut compensated) = (Vec::new(), 0, 0);
+    for worker in workers {
+        let (l, c, x) = worker.map_err(|e| anyhow!("a saga failed: {e}"))?;
+        latencies.extend(l);
+        completed += c;
+        compensated += x;
+    }
+    latencies.sort_unstable();
+    let seconds = args.duration.as_secs_f64();
+    let rate = completed as f64 / seconds;
+    let rpcs = f64::from(args.steps + 1);
+    let efficiency = rate * rpcs / ping_rate;
+    let (p50, p99, p999) = (
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        percentile(&latencies, 99.9),
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "saga",
+                "mode": if args.submit_only { "submit-only" } else { "completion" },
+                "steps": args.steps,
+                "participants": args.participants,
+                "concurrency": args.concurrency,
+                "duration_s": seconds,
+                "completed": if args.submit_only { 0 } else { completed },
+                "accepted": completed + compensated,
+                "compensated": compensated,
+                "per_second": rate,
+                "latency_ms": { "p50": p50, "p99": p99, "p999": p999 },
+                "ping_rate": ping_rate,
+                "rpcs_per_saga": rpcs,
+                "efficiency": if args.submit_only { serde_json::Value::Null } else { efficiency.into() },
+            })
+        );
+    } else if args.submit_only {
+        println!("accepted:    {completed} in {seconds:.1} s");
+        println!("throughput:  {rate:.0} submissions/s");
+        println!(
+            "latency:     p50 {p50:.2} ms, p99 {p99:.2} ms, p999 {p999:.2} ms (submit to accepted)"
+        );
+        println!(
+            "ping rate:   {ping_rate:.0} calls/s (bare gRPC, same run, concurrency {})",
+            args.concurrency
+        );
+    } else {
+        println!("completed:   {completed} in {seconds:.1} s ({compensated} compensated)");
+        println!("throughput:  {rate:.0} sagas/s");
+        println!("latency:     p50 {p50:.2} ms, p99 {p99:.2} ms, p999 {p999:.2} ms (submit to completion)");
+        println!(
+            "ping rate:   {ping_rate:.0} calls/s (bare gRPC, same run, concurrency {})",
+            args.concurrency
+        );
+        println!("efficiency:  {efficiency:.2} (= sagas/s x {rpcs} RPCs / ping rate)");
+    }
+    drop(cluster);
     Ok(())
 }
 

@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// Most transactions in flight before new ones are refused (RESOURCE_EXHAUSTED).
     #[arg(long, default_value_t = 10_000)]
     txn_in_flight_max: usize,
+    /// Most sagas in flight before new ones are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 10_000)]
+    saga_in_flight_max: usize,
 }
 
 pub async fn shutdown_signal() {
@@ -77,6 +80,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "--prepare-timeout-ms-default must be in 1..=--prepare-timeout-ms-max ({})",
             args.prepare_timeout_ms_max
         );
+    }
+    if args.saga_in_flight_max == 0 {
+        bail!("--saga-in-flight-max must be at least 1");
     }
     if args.txn_in_flight_max == 0 {
         bail!("--txn-in-flight-max must be at least 1");
@@ -99,6 +105,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.prepare_timeout_ms_default = args.prepare_timeout_ms_default;
     config.prepare_timeout_ms_max = args.prepare_timeout_ms_max;
     config.txn_in_flight_max = args.txn_in_flight_max;
+    config.saga_in_flight_max = args.saga_in_flight_max;
     // Tests and scripts read this line to learn the port.
     println!("tandem coordinator listening on {bound}");
     daemon::run(listener, &args.data_dir, config, shutdown_signal())
