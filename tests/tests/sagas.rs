@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tandem_participant::client::{RetryPolicy, Saga};
+use tandem_participant::client::{RetryPolicy, Saga, Step};
 use tandem_participant::{bank, SagaChangeKind, SagaOutcome, SagaState, TandemClient, TxnId};
 use tandem_proto::v1 as pb;
 use tandem_tests::*;
@@ -581,4 +581,158 @@ async fn malformed_sagas_are_refused_with_invalid_argument_and_ids_are_idempoten
         Err(status) => status,
     };
     assert_eq!(status.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_saga_runs_independent_steps_and_joins_before_the_last() {
+    let mut cluster = Cluster::start(None, None).await;
+    let client = client(&cluster.coordinator.addr()).await;
+    let op = |op: &str, account: &str, amount: i64| {
+        format!(r#"{{"op":"{op}","account":"{account}","amount":{amount}}}"#).into_bytes()
+    };
+    let (a, b) = (cluster.a.addr(), cluster.b.addr());
+    // alice pays 10 to carol and 5 to dave at once; bob is paid 1 only once both credits
+    // are done, from carol.
+    let steps = vec![
+        Step::new(
+            "debit-alice",
+            a.clone(),
+            bank::SAGA_STEP,
+            op("debit", "alice", 15),
+            op("credit", "alice", 15),
+        ),
+        Step::new(
+            "credit-carol",
+            b.clone(),
+            bank::SAGA_STEP,
+            op("credit", "carol", 10),
+            op("debit", "carol", 10),
+        )
+        .after(["debit-alice"]),
+        Step::new(
+            "credit-dave",
+            b.clone(),
+            bank::SAGA_STEP,
+            op("credit", "dave", 5),
+            op("debit", "dave", 5),
+        )
+        .after(["debit-alice"]),
+        Step::new(
+            "carol-to-bob",
+            b.clone(),
+            bank::SAGA_STEP,
+            op("debit", "carol", 1),
+            op("credit", "carol", 1),
+        )
+        .after(["credit-carol", "credit-dave"]),
+        Step::new(
+            "bob-from-carol",
+            a.clone(),
+            bank::SAGA_STEP,
+            op("credit", "bob", 1),
+            op("debit", "bob", 1),
+        )
+        .after(["carol-to-bob"]),
+    ];
+    let saga = client.submit_saga(Saga::graph(steps)).await.unwrap();
+    let state = wait_terminal(&client, &saga).await;
+    assert_eq!(state.outcome(), Some(SagaOutcome::Completed), "{state:?}");
+    let mut changes = client.watch(&saga).await.unwrap();
+    let mut succeeded = Vec::new();
+    while let Some(change) = tokio::time::timeout(WAIT, changes.next())
+        .await
+        .expect("watch stalled")
+    {
+        let change = change.unwrap();
+        if change.kind == SagaChangeKind::StepSucceeded {
+            succeeded.push(change.step);
+        }
+    }
+    let at = |name: &str| {
+        succeeded
+            .iter()
+            .position(|s| s == name)
+            .unwrap_or_else(|| panic!("{name} never succeeded: {succeeded:?}"))
+    };
+    assert_eq!(at("debit-alice"), 0, "{succeeded:?}");
+    assert!(
+        at("carol-to-bob") > at("credit-carol").max(at("credit-dave")),
+        "{succeeded:?}"
+    );
+    assert_eq!(at("bob-from-carol"), 4, "{succeeded:?}");
+    let (a, b) = cluster.stop_banks().await;
+    assert_eq!(
+        a,
+        BTreeMap::from([("alice".into(), 85), ("bob".into(), 51)])
+    );
+    assert_eq!(
+        b,
+        BTreeMap::from([("carol".into(), 19), ("dave".into(), 5)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_saga_transfer_prints_the_id_and_with_wait_the_outcome() {
+    let mut cluster = Cluster::start(None, None).await;
+    let run = |to: &'static str, wait: bool| {
+        let mut command = tokio::process::Command::new(&binaries().bank);
+        command
+            .args([
+                "transfer",
+                "--saga",
+                "--coordinator",
+                &cluster.coordinator.addr(),
+            ])
+            .args([
+                "--from",
+                &format!("{}/alice", cluster.a.addr()),
+                "--to",
+                &format!("{}/{to}", cluster.b.addr()),
+            ])
+            .args(["--amount", "10"]);
+        if wait {
+            command.arg("--wait");
+        }
+        command.output()
+    };
+    let output = run("carol", true).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let id = stdout
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("accepted "))
+        .unwrap_or_else(|| panic!("{stdout:?}"));
+    TxnId::parse(id).expect("the CLI prints the saga id first");
+    assert!(stdout.contains(&format!("completed {id}")), "{stdout:?}");
+    let output = run("mallory", true).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a compensated saga exits 1: {stdout}"
+    );
+    assert!(stdout.contains("compensated"), "{stdout:?}");
+    // Without --wait it returns as soon as the saga is accepted.
+    let output = run("carol", false).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    let id = TxnId::parse(
+        stdout
+            .trim()
+            .strip_prefix("accepted ")
+            .unwrap_or_else(|| panic!("{stdout:?}")),
+    )
+    .unwrap();
+    let client = client(&cluster.coordinator.addr()).await;
+    assert_eq!(
+        wait_terminal(&client, &id).await.outcome(),
+        Some(SagaOutcome::Completed)
+    );
+    assert_eq!(cluster.stop_banks().await, after_alice_paid_carol(20));
 }
