@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
+use tracing::Instrument;
 
 use tandem_common::unix_now_ms;
 use tandem_proto::v1 as pb;
@@ -62,7 +63,16 @@ impl Participant {
     ) -> bool {
         let span =
             tracing::info_span!("in_doubt", txn = %branch.ctx.txn, branch = %branch.ctx.branch);
-        let _enter = span.enter();
+        self.resolve_branch_in_span(branch, clients)
+            .instrument(span)
+            .await
+    }
+
+    async fn resolve_branch_in_span(
+        &self,
+        branch: &PreparedBranch,
+        clients: &mut HashMap<String, Channel>,
+    ) -> bool {
         let channel = match clients.get(&branch.coordinator) {
             Some(channel) => channel.clone(),
             None => match Endpoint::from_shared(branch.coordinator.clone()) {

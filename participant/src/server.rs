@@ -16,6 +16,7 @@ use tandem_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::error::Error;
 use crate::participant::Participant;
@@ -127,10 +128,10 @@ impl pb::participant_server::Participant for ParticipantService {
             resource: request.resource,
         };
         let span = tracing::debug_span!("prepare", txn = %ctx.txn, branch = %ctx.branch);
-        let _enter = span.enter();
         let vote = self
             .participant
             .prepare(&ctx, &request.payload, &request.coordinator)
+            .instrument(span)
             .await
             .map_err(|e| e.to_status())?;
         let (vote, reason) = match vote {
@@ -218,9 +219,9 @@ impl ParticipantService {
     ) -> Result<Response<pb::DecisionResponse>, Status> {
         let txn = parse_txn(&request.txn_id)?;
         let span = tracing::debug_span!("decide", txn = %txn, branch = request.branch, commit);
-        let _enter = span.enter();
         self.participant
             .decide(&txn, BranchIdx(request.branch), &request.resource, commit)
+            .instrument(span)
             .await
             .map_err(|e| e.to_status())?;
         Ok(Response::new(pb::DecisionResponse {}))

@@ -224,13 +224,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let txn = request.txn.clone();
         let span =
             tracing::info_span!("execute_2pc", txn = %txn, branches = request.branches.len());
-        let _enter = span.enter();
-        let outcome = self.handle.execute(request).await?;
-        tracing::debug!(
-            ?outcome,
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "answered"
-        );
+        let outcome = self
+            .handle
+            .execute(request)
+            .instrument(span.clone())
+            .await?;
+        span.in_scope(|| {
+            tracing::debug!(
+                ?outcome,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "answered"
+            )
+        });
         let (outcome, reason) = outcome_to_pb(&outcome);
         Ok(Response::new(pb::Execute2pcResponse {
             txn_id: txn.to_string(),
