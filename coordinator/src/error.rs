@@ -43,6 +43,19 @@ impl CoordinatorError {
         }
     }
 
+    /// Whether the caller knows what became of its request: `false` only when the
+    /// coordinator stopped while the transaction may have started (retry with the same id to
+    /// learn its outcome). Every other error means nothing was started.
+    pub fn is_outcome_known(&self) -> bool {
+        match self {
+            CoordinatorError::ShuttingDown | CoordinatorError::Log(_) => false,
+            CoordinatorError::InvalidArgument(_)
+            | CoordinatorError::AlreadyExists { .. }
+            | CoordinatorError::NotFound { .. }
+            | CoordinatorError::Overloaded { .. } => true,
+        }
+    }
+
     /// The gRPC status this error is reported as.
     pub fn to_status(&self) -> tonic::Status {
         let message = self.to_string();
@@ -60,5 +73,27 @@ impl CoordinatorError {
 impl From<CoordinatorError> for tonic::Status {
     fn from(e: CoordinatorError) -> Self {
         e.to_status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_whether_to_retry_and_whether_the_outcome_is_known() {
+        let refused = CoordinatorError::InvalidArgument("no branches".into());
+        assert!(!refused.is_retryable() && refused.is_outcome_known());
+        assert_eq!(refused.to_status().code(), tonic::Code::InvalidArgument);
+        let busy = CoordinatorError::Overloaded {
+            in_flight: 10,
+            limit: 10,
+            retry_after_ms: 100,
+        };
+        assert!(busy.is_retryable() && busy.is_outcome_known());
+        assert_eq!(busy.to_status().code(), tonic::Code::ResourceExhausted);
+        let stopping = CoordinatorError::ShuttingDown;
+        assert!(stopping.is_retryable() && !stopping.is_outcome_known());
+        assert_eq!(stopping.to_status().code(), tonic::Code::Unavailable);
     }
 }

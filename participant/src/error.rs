@@ -1,7 +1,7 @@
 //! The participant SDK's one error enum.
 //!
 //! Each variant maps to one gRPC status when the endpoint answers the coordinator, and says
-//! whether retrying can help.
+//! whether retrying can help and whether the outcome of the call is known.
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -61,6 +61,32 @@ impl Error {
             | Error::Resource(_)
             | Error::Flush(_)
             | Error::Codec(_) => false,
+        }
+    }
+
+    /// Whether the caller knows what became of its request despite the error. `false` means
+    /// it may or may not have taken effect (the connection broke, the coordinator was
+    /// stopping): retry with the same id to learn the outcome, never with a new one.
+    pub fn is_outcome_known(&self) -> bool {
+        match self {
+            Error::Unavailable(_) | Error::Storage(_) | Error::Flush(_) => false,
+            // Refused at the edge or by admission control: nothing was started.
+            Error::Coordinator { code, .. } => !matches!(
+                code,
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown
+                    | tonic::Code::Internal
+            ),
+            Error::InvalidArgument(_)
+            | Error::UnknownResource(_)
+            | Error::UnknownSagaStep(_)
+            | Error::UnknownSagaCallback(_)
+            | Error::Conflict(_)
+            | Error::AlreadyExists(_)
+            | Error::Resource(_)
+            | Error::Codec(_) => true,
         }
     }
 
