@@ -324,8 +324,10 @@ async fn two_hundred_concurrent_transfers_conserve_money_and_match_what_clients_
             std::mem::discriminant(outcome)
         );
     }
+    // How many commit depends on how the 200 race for holds on four accounts; that both
+    // outcomes occur is what makes the checks below meaningful.
     assert!(
-        committed > 20 && committed < 200,
+        committed > 0 && committed < 200,
         "the workload should both commit and abort: {committed} committed"
     );
     a.stop().await;

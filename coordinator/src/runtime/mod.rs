@@ -43,7 +43,9 @@ use crate::engine::{Durability, Effect, Engine, EngineConfig, Event, Timer};
 use crate::error::CoordinatorError;
 use crate::log::record::{Fingerprint, TxnRecord};
 use crate::log::TxnLog;
-use crate::transport::{DecisionCall, ParticipantTransport, PrepareCall};
+use crate::transport::{
+    CallFuture, DecisionCall, ParticipantTransport, PrepareCall, TransportError,
+};
 
 /// How many client commands may queue for the runtime before callers wait.
 const COMMAND_QUEUE_MAX: usize = 4096;
@@ -422,11 +424,7 @@ impl Runtime {
             Ok(Some(record @ TxnRecord::PresumedAborted { .. })) => {
                 // The pin may not be durable yet: answer once a flush covers it.
                 let outcome = record.decision().map(|d| d.outcome());
-                let flush = self.log.flush();
-                tokio::spawn(async move {
-                    if let Err(e) = flush.await {
-                        fatal("forcing a presumed abort to disk failed", &e);
-                    }
+                self.after_flush("forcing a presumed abort to disk failed", move || {
                     let _ = reply.send(Ok(outcome.expect("a presumed abort is decided")));
                 });
                 return;
@@ -501,23 +499,17 @@ impl Runtime {
                         coordinator: self.config.advertise.clone(),
                         timeout: Duration::from_millis(remaining),
                     };
-                    let answer = self.transport.prepare(call);
-                    let events = self.events_tx.clone();
                     let span = tracing::debug_span!("prepare", txn = %txn, %branch);
-                    tokio::spawn(
-                        async move {
-                            let event = match answer.await {
-                                Ok(vote) => Event::Voted { txn, branch, vote },
-                                Err(e) => Event::PrepareFailed {
-                                    txn,
-                                    branch,
-                                    error: e.0,
-                                },
-                            };
-                            let _ = events.send(LoopEvent::TwoPhase(event));
-                        }
-                        .instrument(span),
-                    );
+                    self.report(span, self.transport.prepare(call), move |answer| {
+                        LoopEvent::TwoPhase(match answer {
+                            Ok(vote) => Event::Voted { txn, branch, vote },
+                            Err(e) => Event::PrepareFailed {
+                                txn,
+                                branch,
+                                error: e.0,
+                            },
+                        })
+                    });
                 }
                 Effect::SendDecision {
                     txn,
@@ -532,22 +524,20 @@ impl Runtime {
                         commit,
                         timeout: self.config.decision_call_timeout(),
                     };
-                    let answer = self.transport.deliver(call);
-                    let events = self.events_tx.clone();
                     let span = tracing::debug_span!("deliver", txn = %txn, %branch, commit);
-                    tokio::spawn(
-                        async move {
-                            let event = match answer.await {
-                                Ok(()) => Event::Acknowledged { txn, branch },
-                                Err(e) => {
-                                    tracing::debug!(error = %e.0, "decision not acknowledged; will redeliver");
-                                    Event::DeliveryFailed { txn, branch, error: e.0 }
+                    self.report(span, self.transport.deliver(call), move |answer| {
+                        LoopEvent::TwoPhase(match answer {
+                            Ok(()) => Event::Acknowledged { txn, branch },
+                            Err(e) => {
+                                tracing::debug!(error = %e.0, "decision not acknowledged; will redeliver");
+                                Event::DeliveryFailed {
+                                    txn,
+                                    branch,
+                                    error: e.0,
                                 }
-                            };
-                            let _ = events.send(LoopEvent::TwoPhase(event));
-                        }
-                        .instrument(span),
-                    );
+                            }
+                        })
+                    });
                 }
                 Effect::SetTimer { txn, timer, at_ms } => {
                     self.set_timer(at_ms, TimerEntry::TwoPhase(txn, timer));
@@ -581,12 +571,8 @@ impl Runtime {
             Durability::Lazy => {}
             Durability::Forced => {
                 debug_assert!(deciding, "only decisions are forced");
-                let flush = self.log.flush();
                 let events = self.events_tx.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = flush.await {
-                        fatal("forcing a decision to disk failed", &e);
-                    }
+                self.after_flush("forcing a decision to disk failed", move || {
                     crash_point("coordinator.after_decision_persisted");
                     let _ = events.send(LoopEvent::TwoPhase(Event::DecisionDurable { txn }));
                 });
@@ -612,12 +598,37 @@ impl Runtime {
             fatal("writing to the transaction log failed", &e);
         }
         tracing::info!(txn = %txn, "no record of a transaction a participant asked about; presumed aborted");
+        self.after_flush("forcing a presumed abort to disk failed", move || {
+            let _ = reply.send(Ok(QueriedOutcome::Aborted));
+        });
+    }
+
+    /// Awaits a participant call on its own task and feeds its answer back to the loop as
+    /// the event `to_event` makes of it.
+    fn report<T: Send + 'static>(
+        &self,
+        span: tracing::Span,
+        call: CallFuture<T>,
+        to_event: impl FnOnce(Result<T, TransportError>) -> LoopEvent + Send + 'static,
+    ) {
+        let events = self.events_tx.clone();
+        tokio::spawn(
+            async move {
+                let _ = events.send(to_event(call.await));
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Runs `then` once everything written to the log so far is durable. A failed flush
+    /// stops the process (`what` says which write it was forcing).
+    fn after_flush(&self, what: &'static str, then: impl FnOnce() + Send + 'static) {
         let flush = self.log.flush();
         tokio::spawn(async move {
             if let Err(e) = flush.await {
-                fatal("forcing a presumed abort to disk failed", &e);
+                fatal(what, &e);
             }
-            let _ = reply.send(Ok(QueriedOutcome::Aborted));
+            then();
         });
     }
 

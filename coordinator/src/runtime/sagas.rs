@@ -24,7 +24,6 @@ use std::collections::{HashMap, VecDeque};
 use tandem_common::crash::crash_point;
 use tandem_common::{unix_now_ms, TxnId};
 use tokio::sync::{mpsc, oneshot};
-use tracing::Instrument;
 
 use super::{fatal, LoopEvent, Runtime, TimerEntry};
 use crate::engine::saga::{
@@ -458,12 +457,8 @@ impl Runtime {
                     if let Err(e) = self.log.put_saga_spec(&saga, &record) {
                         fatal("writing a saga to the log failed", &e);
                     }
-                    let flush = self.log.flush();
                     let events = self.events_tx.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = flush.await {
-                            fatal("forcing an accepted saga to disk failed", &e);
-                        }
+                    self.after_flush("forcing an accepted saga to disk failed", move || {
                         crash_point("coordinator.after_saga_accepted");
                         let _ = events.send(LoopEvent::Saga(SagaEvent::Accepted { saga }));
                     });
@@ -472,12 +467,8 @@ impl Runtime {
                     if let Err(e) = self.log.put_saga_progress(&saga, &progress) {
                         fatal("writing a saga's outcome to the log failed", &e);
                     }
-                    let flush = self.log.flush();
                     let events = self.events_tx.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = flush.await {
-                            fatal("forcing a saga's outcome to disk failed", &e);
-                        }
+                    self.after_flush("forcing a saga's outcome to disk failed", move || {
                         let _ = events.send(LoopEvent::Saga(SagaEvent::OutcomeDurable { saga }));
                     });
                 }
@@ -502,25 +493,19 @@ impl Runtime {
                         payload,
                         timeout: std::time::Duration::from_millis(timeout_ms),
                     };
-                    let answer = self.transport.act(call);
-                    let events = self.events_tx.clone();
                     let span = tracing::debug_span!("act", saga = %saga, step, attempt);
-                    tokio::spawn(
-                        async move {
-                            let answer = answer.await.unwrap_or_else(|e| {
-                                tracing::debug!(error = %e.0, "action got no answer; will retry");
-                                ActionAnswer::Unavailable { error: e.0 }
-                            });
-                            let event = SagaEvent::ActionAnswered {
-                                saga,
-                                step,
-                                attempt,
-                                answer,
-                            };
-                            let _ = events.send(LoopEvent::Saga(event));
-                        }
-                        .instrument(span),
-                    );
+                    self.report(span, self.transport.act(call), move |answer| {
+                        let answer = answer.unwrap_or_else(|e| {
+                            tracing::debug!(error = %e.0, "action got no answer; will retry");
+                            ActionAnswer::Unavailable { error: e.0 }
+                        });
+                        LoopEvent::Saga(SagaEvent::ActionAnswered {
+                            saga,
+                            step,
+                            attempt,
+                            answer,
+                        })
+                    });
                 }
                 SagaEffect::SendCompensation {
                     saga,
@@ -537,22 +522,15 @@ impl Runtime {
                         payload,
                         timeout: self.config.decision_call_timeout(),
                     };
-                    let answer = self.transport.compensate(call);
-                    let events = self.events_tx.clone();
                     let span = tracing::debug_span!("compensate", saga = %saga, step, attempt);
-                    tokio::spawn(
-                        async move {
-                            let answer = answer.await.map_err(|e| e.0);
-                            let event = SagaEvent::CompensationAnswered {
-                                saga,
-                                step,
-                                attempt,
-                                answer,
-                            };
-                            let _ = events.send(LoopEvent::Saga(event));
-                        }
-                        .instrument(span),
-                    );
+                    self.report(span, self.transport.compensate(call), move |answer| {
+                        LoopEvent::Saga(SagaEvent::CompensationAnswered {
+                            saga,
+                            step,
+                            attempt,
+                            answer: answer.map_err(|e| e.0),
+                        })
+                    });
                 }
                 SagaEffect::SendCallback {
                     saga,
@@ -571,21 +549,14 @@ impl Runtime {
                         state: view,
                         timeout: self.config.decision_call_timeout(),
                     };
-                    let answer = self.transport.saga_finished(call);
-                    let events = self.events_tx.clone();
                     let span = tracing::debug_span!("callback", saga = %saga);
-                    tokio::spawn(
-                        async move {
-                            let answer = answer.await.map_err(|e| e.0);
-                            let event = SagaEvent::CallbackAnswered {
-                                saga,
-                                attempt,
-                                answer,
-                            };
-                            let _ = events.send(LoopEvent::Saga(event));
-                        }
-                        .instrument(span),
-                    );
+                    self.report(span, self.transport.saga_finished(call), move |answer| {
+                        LoopEvent::Saga(SagaEvent::CallbackAnswered {
+                            saga,
+                            attempt,
+                            answer: answer.map_err(|e| e.0),
+                        })
+                    });
                 }
                 SagaEffect::SetTimer { saga, timer, at_ms } => {
                     self.set_timer(at_ms, TimerEntry::Saga(saga, timer));

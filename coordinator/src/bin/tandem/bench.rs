@@ -45,27 +45,11 @@ pub struct SagaArgs {
     /// Bank participant processes; the steps are spread over them.
     #[arg(long, default_value_t = 2)]
     participants: u32,
-    /// Sagas in flight at once (closed loops).
-    #[arg(long, default_value_t = 64)]
-    concurrency: u32,
-    /// How long to measure, e.g. 10s, 500ms, 1m.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    duration: Duration,
-    /// Load before measuring (not counted).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    warmup: Duration,
-    /// How long to measure the bare ping rate.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
-    ping_duration: Duration,
-    /// Accounts per bank.
-    #[arg(long, default_value_t = 1_000)]
-    accounts: u32,
     /// Measure accepted submissions per second, without waiting for completion.
     #[arg(long)]
     submit_only: bool,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    load: LoadArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -73,7 +57,14 @@ pub struct TwoPcArgs {
     /// Bank participant processes (at least 2: a transfer spans two banks).
     #[arg(long, default_value_t = 2)]
     participants: u32,
-    /// Transactions in flight at once.
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+/// The load options both benchmarks share.
+#[derive(clap::Args, Debug)]
+pub struct LoadArgs {
+    /// Transactions (or sagas) in flight at once, each a closed loop.
     #[arg(long, default_value_t = 64)]
     concurrency: u32,
     /// How long to measure, e.g. 10s, 500ms, 1m.
@@ -166,30 +157,30 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
     if args.participants < 2 {
         bail!("--participants must be at least 2 (a transfer debits one bank and credits another)");
     }
-    if args.concurrency == 0 || args.accounts == 0 {
+    if args.load.concurrency == 0 || args.load.accounts == 0 {
         bail!("--concurrency and --accounts must be at least 1");
     }
-    let cluster = Cluster::start(args.participants, args.accounts, &[]).await?;
+    let cluster = Cluster::start(args.participants, args.load.accounts, &[]).await?;
     let (coordinator, bank_addrs, clients) =
         (&cluster.coordinator, &cluster.bank_addrs, &cluster.clients);
-    if !args.json {
+    if !args.load.json {
         eprintln!(
             "bench 2pc: coordinator {} + {} banks ({} accounts each), concurrency {}, {:?} after {:?} warm-up",
-            coordinator.address(), args.participants, args.accounts, args.concurrency, args.duration, args.warmup
+            coordinator.address(), args.participants, args.load.accounts, args.load.concurrency, args.load.duration, args.load.warmup
         );
     }
 
     // 1. The bare RPC rate between this process and the coordinator, same concurrency.
-    let ping_rate = ping_rate(clients, args.concurrency, args.ping_duration).await?;
+    let ping_rate = ping_rate(clients, args.load.concurrency, args.load.ping_duration).await?;
 
     // 2. Closed-loop transfers; latencies recorded only after the warm-up.
     let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let end = measure_from + args.duration;
-    let workers = futures::future::join_all((0..args.concurrency).map(|i| {
+    let measure_from = start + args.load.warmup;
+    let end = measure_from + args.load.duration;
+    let workers = futures::future::join_all((0..args.load.concurrency).map(|i| {
         let mut client = clients[i as usize % clients.len()].clone();
         let bank_addrs = bank_addrs.clone();
-        let accounts = args.accounts as u64;
+        let accounts = args.load.accounts as u64;
         async move {
             let mut rng = SplitMix64::new(0x5eed ^ i as u64);
             let (mut latencies, mut committed, mut aborted) = (Vec::new(), 0u64, 0u64);
@@ -234,7 +225,7 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
         aborted += a;
     }
     latencies.sort_unstable();
-    let seconds = args.duration.as_secs_f64();
+    let seconds = args.load.duration.as_secs_f64();
     let tps = committed as f64 / seconds;
     let efficiency = tps * RPCS_PER_TRANSFER / ping_rate;
     let (p50, p99, p999) = (
@@ -242,13 +233,13 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
         percentile(&latencies, 99.0),
         percentile(&latencies, 99.9),
     );
-    if args.json {
+    if args.load.json {
         println!(
             "{}",
             serde_json::json!({
                 "bench": "2pc",
                 "participants": args.participants,
-                "concurrency": args.concurrency,
+                "concurrency": args.load.concurrency,
                 "duration_s": seconds,
                 "committed": committed,
                 "aborted": aborted,
@@ -265,7 +256,7 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
         println!("latency:     p50 {p50:.2} ms, p99 {p99:.2} ms, p999 {p999:.2} ms");
         println!(
             "ping rate:   {ping_rate:.0} calls/s (bare gRPC, same run, concurrency {})",
-            args.concurrency
+            args.load.concurrency
         );
         println!("efficiency:  {efficiency:.2} (= tps x {RPCS_PER_TRANSFER} RPCs / ping rate)");
     }
@@ -399,7 +390,7 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
     if args.steps < 2 || args.steps > 32 {
         bail!("--steps must be between 2 and 32 (a debit and at least one credit)");
     }
-    if args.participants == 0 || args.concurrency == 0 || args.accounts == 0 {
+    if args.participants == 0 || args.load.concurrency == 0 || args.load.accounts == 0 {
         bail!("--participants, --concurrency and --accounts must be at least 1");
     }
     // Submissions outrun execution in --submit-only: let the backlog grow instead of
@@ -409,28 +400,33 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
     } else {
         &[]
     };
-    let cluster = Cluster::start(args.participants, args.accounts, serve_args).await?;
+    let cluster = Cluster::start(args.participants, args.load.accounts, serve_args).await?;
     let mode = if args.submit_only {
         "submit-only"
     } else {
         "submit to completion"
     };
-    if !args.json {
+    if !args.load.json {
         eprintln!(
             "bench saga: coordinator {} + {} banks ({} accounts each), {} steps, concurrency {}, {mode}, {:?} after {:?} warm-up",
-            cluster.coordinator.address(), args.participants, args.accounts, args.steps, args.concurrency, args.duration, args.warmup
+            cluster.coordinator.address(), args.participants, args.load.accounts, args.steps, args.load.concurrency, args.load.duration, args.load.warmup
         );
     }
-    let ping_rate = ping_rate(&cluster.clients, args.concurrency, args.ping_duration).await?;
+    let ping_rate = ping_rate(
+        &cluster.clients,
+        args.load.concurrency,
+        args.load.ping_duration,
+    )
+    .await?;
 
     let start = Instant::now();
-    let measure_from = start + args.warmup;
-    let end = measure_from + args.duration;
-    let workers = futures::future::join_all((0..args.concurrency).map(|i| {
+    let measure_from = start + args.load.warmup;
+    let end = measure_from + args.load.duration;
+    let workers = futures::future::join_all((0..args.load.concurrency).map(|i| {
         let client = cluster.clients[i as usize % cluster.clients.len()].clone();
         let bank_addrs = cluster.bank_addrs.clone();
         let (accounts, steps, submit_only) =
-            (u64::from(args.accounts), args.steps, args.submit_only);
+            (u64::from(args.load.accounts), args.steps, args.submit_only);
         async move {
             let mut rng = SplitMix64::new(0x5a6a ^ u64::from(i));
             let (mut latencies, mut completed, mut compensated) = (Vec::new(), 0u64, 0u64);
@@ -474,7 +470,7 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
         compensated += x;
     }
     latencies.sort_unstable();
-    let seconds = args.duration.as_secs_f64();
+    let seconds = args.load.duration.as_secs_f64();
     let rate = completed as f64 / seconds;
     let rpcs = f64::from(args.steps + 1);
     let efficiency = rate * rpcs / ping_rate;
@@ -483,7 +479,7 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
         percentile(&latencies, 99.0),
         percentile(&latencies, 99.9),
     );
-    if args.json {
+    if args.load.json {
         println!(
             "{}",
             serde_json::json!({
@@ -491,7 +487,7 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
                 "mode": if args.submit_only { "submit-only" } else { "completion" },
                 "steps": args.steps,
                 "participants": args.participants,
-                "concurrency": args.concurrency,
+                "concurrency": args.load.concurrency,
                 "duration_s": seconds,
                 "completed": if args.submit_only { 0 } else { completed },
                 "accepted": completed + compensated,
@@ -511,7 +507,7 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
         );
         println!(
             "ping rate:   {ping_rate:.0} calls/s (bare gRPC, same run, concurrency {})",
-            args.concurrency
+            args.load.concurrency
         );
     } else {
         println!("completed:   {completed} in {seconds:.1} s ({compensated} compensated)");
@@ -519,7 +515,7 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
         println!("latency:     p50 {p50:.2} ms, p99 {p99:.2} ms, p999 {p999:.2} ms (submit to completion)");
         println!(
             "ping rate:   {ping_rate:.0} calls/s (bare gRPC, same run, concurrency {})",
-            args.concurrency
+            args.load.concurrency
         );
         println!("efficiency:  {efficiency:.2} (= sagas/s x {rpcs} RPCs / ping rate)");
     }
