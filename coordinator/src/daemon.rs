@@ -3,13 +3,29 @@
 //! Shaped like mini-redis's server: [`run`] takes an already bound listener (tests bind
 //! port 0) and a shutdown future; it returns once the server stopped and the runtime task
 //! drained. What is not finished at shutdown is recovered at the next start.
+//!
+//! Beside `tandem.v1.Coordinator`, the server carries two standard services, so that ordinary
+//! gRPC tools work against the daemon:
+//! - gRPC health checking (`grpc.health.v1.Health`, from `tonic-health`): `""` (the whole
+//!   server) and `tandem.v1.Coordinator` answer SERVING from the first accepted connection on,
+//!   since recovery has run before the listener is served. Once shutdown begins both answer
+//!   NOT_SERVING; [`HEALTH_WATCH_END_MS`] later the statuses are withdrawn, which ends every
+//!   `Watch` stream (after it delivered NOT_SERVING), so that no watcher holds the graceful
+//!   shutdown open. A `Check` after that answers NOT_FOUND.
+//! - gRPC server reflection (`grpc.reflection.v1` and the older `v1alpha`, from
+//!   `tonic-reflection`), serving the contract's descriptors
+//!   ([`tandem_proto::FILE_DESCRIPTOR_SET`]) and the health service's.
 
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
@@ -27,6 +43,37 @@ pub enum DaemonError {
     Server(#[from] tonic::transport::Error),
     #[error("gRPC server task failed: {0}")]
     Task(String),
+    /// The contract's file descriptor set could not be served by reflection (a build fault).
+    #[error("gRPC reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// How long after shutdown begins the health statuses are withdrawn, ending `Watch` streams,
+/// in ms. Until then a `Check` on a connection still open answers NOT_SERVING.
+pub const HEALTH_WATCH_END_MS: u64 = 1_000;
+
+/// The names the health service answers for: the whole server, and the coordinator service.
+fn health_service_names() -> [&'static str; 2] {
+    ["", tandem_proto::v1::coordinator_server::SERVICE_NAME]
+}
+
+/// Marks every health name NOT_SERVING now, and withdraws them [`HEALTH_WATCH_END_MS`] later.
+async fn health_shutting_down(reporter: HealthReporter) {
+    for name in health_service_names() {
+        reporter
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    tracing::info!("shutting down: health is NOT_SERVING");
+    // Detached: if no connection is left the server stops at once and this task dies with
+    // the process; otherwise it ends the health watchers that would keep a connection open.
+    tokio::spawn(async move {
+        let mut reporter = reporter;
+        tokio::time::sleep(Duration::from_millis(HEALTH_WATCH_END_MS)).await;
+        for name in health_service_names() {
+            reporter.clear_service_status(name).await;
+        }
+    });
 }
 
 /// Serves the coordinator on `listener` with its log in `data_dir` until `shutdown`
@@ -41,6 +88,33 @@ pub async fn run(
     let (handle, runtime_task) =
         runtime::start(log, Arc::new(GrpcTransport::new()), config.clone())?;
     let service = CoordinatorService::new(handle, config);
+    // Recovery ran in `runtime::start`: the coordinator is ready before the first connection.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in health_service_names() {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    // Only the services this server carries are listed (the contract's descriptors also hold
+    // `tandem.v1.Participant`, which participants serve, not the coordinator); every symbol
+    // of the registered files can still be described.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(tandem_proto::v1::coordinator_server::SERVICE_NAME)
+            .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+            .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
+            .with_service_name(
+                tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+            )
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let shutdown = async move {
+        shutdown.await;
+        health_shutting_down(health).await;
+    };
     tracing::info!(listen = ?listener.local_addr().ok(), data_dir = %data_dir.display(), "coordinator serving");
     // Accepted sockets get TCP_NODELAY here: `Server::tcp_nodelay` only reaches sockets tonic
     // binds itself, and without it Nagle meets delayed ACKs (40 ms per call).
@@ -50,6 +124,9 @@ pub async fn run(
                 .into_server()
                 .max_decoding_message_size(crate::config::REQUEST_BYTES_MAX),
         )
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,

@@ -16,6 +16,11 @@ pub enum CoordinatorError {
     AlreadyExists { txn: String },
     #[error("no transaction {txn} is known to this coordinator")]
     NotFound { txn: String },
+    /// A participant address (of a branch, a saga step or a saga callback, named by `place`)
+    /// is on a host the coordinator's allow-list does not admit. Nothing was started and no
+    /// connection was made; the same request will be refused again.
+    #[error("{place}: participant host {host} is not allowed: this coordinator calls only the hosts its configuration allows (tandem serve --allow-participants)")]
+    ParticipantNotAllowed { place: String, host: String },
     /// Too much work in flight; the caller should retry after `retry_after_ms`.
     #[error("too many transactions in flight ({in_flight}, limit {limit}); retry in {retry_after_ms} ms")]
     Overloaded {
@@ -39,6 +44,7 @@ impl CoordinatorError {
             CoordinatorError::InvalidArgument(_)
             | CoordinatorError::AlreadyExists { .. }
             | CoordinatorError::NotFound { .. }
+            | CoordinatorError::ParticipantNotAllowed { .. }
             | CoordinatorError::Log(_) => false,
         }
     }
@@ -52,6 +58,7 @@ impl CoordinatorError {
             CoordinatorError::InvalidArgument(_)
             | CoordinatorError::AlreadyExists { .. }
             | CoordinatorError::NotFound { .. }
+            | CoordinatorError::ParticipantNotAllowed { .. }
             | CoordinatorError::Overloaded { .. } => true,
         }
     }
@@ -63,6 +70,9 @@ impl CoordinatorError {
             CoordinatorError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             CoordinatorError::AlreadyExists { .. } => tonic::Status::already_exists(message),
             CoordinatorError::NotFound { .. } => tonic::Status::not_found(message),
+            CoordinatorError::ParticipantNotAllowed { .. } => {
+                tonic::Status::permission_denied(message)
+            }
             CoordinatorError::Overloaded { .. } => tonic::Status::resource_exhausted(message),
             CoordinatorError::ShuttingDown => tonic::Status::unavailable(message),
             CoordinatorError::Log(_) => tonic::Status::internal(message),
@@ -92,6 +102,16 @@ mod tests {
         };
         assert!(busy.is_retryable() && busy.is_outcome_known());
         assert_eq!(busy.to_status().code(), tonic::Code::ResourceExhausted);
+        let not_allowed = CoordinatorError::ParticipantNotAllowed {
+            place: "branch #0".into(),
+            host: "10.1.2.3".into(),
+        };
+        assert!(!not_allowed.is_retryable() && not_allowed.is_outcome_known());
+        let status = not_allowed.to_status();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(status
+            .message()
+            .starts_with("branch #0: participant host 10.1.2.3"));
         let stopping = CoordinatorError::ShuttingDown;
         assert!(stopping.is_retryable() && !stopping.is_outcome_known());
         assert_eq!(stopping.to_status().code(), tonic::Code::Unavailable);

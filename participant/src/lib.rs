@@ -18,7 +18,10 @@
 //! - [`in_doubt`]: the resolver that asks the coordinator about branches left prepared;
 //! - [`client`]: [`TandemClient`], which services use to start transactions and sagas;
 //! - [`bank`]: the sample service (accounts with holds; saga transfers; a callback log), used
-//!   by `tandem-bank`, the demo, the benchmark and the end-to-end tests.
+//!   by `tandem-bank`, the demo, the benchmark and the end-to-end tests;
+//! - `testkit` (cargo feature `testkit`): drives a service's resource or saga step with
+//!   repeated, reordered and concurrent calls and crashes, checking the service's invariant
+//!   and the barrier's promises after each call.
 
 pub mod bank;
 pub mod barrier;
@@ -32,6 +35,8 @@ pub mod saga;
 pub mod saga_barrier;
 pub mod saga_state;
 pub mod server;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use client::{Branch, Outcome, RetryPolicy, Saga, SagaShape, Step, TandemClient};
 pub use error::Error;

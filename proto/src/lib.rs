@@ -11,3 +11,10 @@
 pub mod v1 {
     tonic::include_proto!("tandem.v1");
 }
+
+/// The contract as an encoded `google.protobuf.FileDescriptorSet` (every file of `tandem.v1`
+/// with its imports and source info), written by `build.rs`. The coordinator serves it through
+/// gRPC server reflection, so tools such as grpcurl can list and call its services without a
+/// copy of the `.proto` file.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tandem_descriptor.bin"));

@@ -11,6 +11,8 @@
 //!
 //! Every wait here is bounded; a test never hangs on a dead process.
 
+pub mod sim;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -87,8 +89,13 @@ pub fn binaries() -> &'static Binaries {
 
 #[derive(Debug, Clone)]
 enum Kind {
-    Coordinator,
-    Bank { accounts: String },
+    /// A coordinator, with extra `tandem serve` arguments.
+    Coordinator {
+        args: Vec<String>,
+    },
+    Bank {
+        accounts: String,
+    },
 }
 
 /// One server process and its data folder.
@@ -103,8 +110,16 @@ pub struct Node {
 impl Node {
     /// A coordinator on a fresh port with its log in `dir`.
     pub async fn coordinator(dir: &Path, crash_at: Option<&str>) -> Node {
+        Node::coordinator_with_args(dir, &[], crash_at).await
+    }
+
+    /// A coordinator on a fresh port with its log in `dir` and extra `tandem serve` arguments
+    /// (for example `["--allow-participants", "127.0.0.1"]`), kept across restarts.
+    pub async fn coordinator_with_args(dir: &Path, args: &[&str], crash_at: Option<&str>) -> Node {
         let mut node = Node {
-            kind: Kind::Coordinator,
+            kind: Kind::Coordinator {
+                args: args.iter().map(|a| a.to_string()).collect(),
+            },
             name: "coordinator".into(),
             dir: dir.to_path_buf(),
             port: 0,
@@ -135,10 +150,11 @@ impl Node {
         let bins = binaries();
         let listen = format!("127.0.0.1:{}", self.port);
         let mut command = match &self.kind {
-            Kind::Coordinator => {
+            Kind::Coordinator { args } => {
                 let mut c = tokio::process::Command::new(&bins.tandem);
                 c.args(["serve", "--listen", &listen, "--data-dir"])
-                    .arg(&self.dir);
+                    .arg(&self.dir)
+                    .args(args);
                 c
             }
             Kind::Bank { accounts } => {
@@ -186,6 +202,17 @@ impl Node {
                 server.kill().await;
             }
         }
+    }
+
+    /// Stops the process gracefully (SIGTERM) and returns how it exited, or `None` if it did
+    /// not exit within `timeout` (it is then killed).
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut server = self.server.take()?;
+        let status = server.terminate(timeout).await;
+        if status.is_none() {
+            server.kill().await;
+        }
+        status
     }
 
     /// Waits for the process to die at its crash point; panics if it does not.

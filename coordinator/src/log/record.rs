@@ -31,12 +31,6 @@ pub enum TxnRecord {
         fingerprint: Fingerprint,
         decided_ms: u64,
     },
-    /// A participant asked about a transaction this coordinator had no record of, and was
-    /// told "aborted" (presumed abort). Forced before that answer, so that the id can never
-    /// start a transaction afterwards: a client's retry with the same id is answered
-    /// "aborted" too, instead of preparing again branches a participant has been told to
-    /// abort.
-    PresumedAborted { presumed_ms: u64 },
     /// Every participant acknowledged. Kept so retries and status queries are answered.
     Finished {
         decision: Decision,
@@ -45,6 +39,13 @@ pub enum TxnRecord {
         fingerprint: Fingerprint,
         finished_ms: u64,
     },
+    // Appended last: variants are encoded by position, and older logs must still decode.
+    /// A participant asked about a transaction this coordinator had no record of, and was
+    /// told "aborted" (presumed abort). Forced before that answer, so that the id can never
+    /// start a transaction afterwards: a client's retry with the same id is answered
+    /// "aborted" too, instead of preparing again branches a participant has been told to
+    /// abort.
+    PresumedAborted { presumed_ms: u64 },
 }
 
 impl TxnRecord {

@@ -3,6 +3,9 @@
 //!
 //! Every limit from [`crate::config`] is checked here, before anything is started or
 //! written; a violation is `INVALID_ARGUMENT` with a message naming the field and the limit.
+//! Every participant address is then checked against the allow-list
+//! ([`CoordinatorConfig::participant_hosts_allowed`]): a host it does not admit is
+//! `PERMISSION_DENIED`, before any record is written or any connection is made.
 
 pub mod saga;
 
@@ -18,8 +21,8 @@ use tonic::codegen::http::Uri;
 use tonic::{Request, Response, Status};
 
 use crate::config::{
-    CoordinatorConfig, BRANCHES_MAX, PARTICIPANT_ADDR_LEN_MAX, PAYLOAD_BYTES_MAX,
-    RESOURCE_NAME_LEN_MAX, SAGA_WAIT_MS_MAX,
+    host_allowed, CoordinatorConfig, ParticipantHost, BRANCHES_MAX, PARTICIPANT_ADDR_LEN_MAX,
+    PAYLOAD_BYTES_MAX, RESOURCE_NAME_LEN_MAX, SAGA_WAIT_MS_MAX,
 };
 use crate::engine::types::{BranchPhase, BranchSpec, BranchTarget, Decision, Outcome, TxnPhase};
 use crate::error::CoordinatorError;
@@ -81,6 +84,32 @@ pub fn normalize_participant(address: &str) -> Result<String, CoordinatorError> 
         return Err(bad("a path or query is not allowed"));
     }
     Ok(format!("http://{}:{port}", authority.host()))
+}
+
+/// Refuses `participant`, an address [`normalize_participant`] made, unless the allow-list
+/// admits its host. `place` names the address within the request ("branch #0", "callback").
+/// The host is taken as written: a name is never resolved here (see [`crate::config`]).
+pub fn check_participant_allowed(
+    participant: &str,
+    config: &CoordinatorConfig,
+    place: impl FnOnce() -> String,
+) -> Result<(), CoordinatorError> {
+    let authority = participant
+        .strip_prefix("http://")
+        .unwrap_or_else(|| panic!("{participant:?} was not normalised"));
+    let (host, _port) = authority
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{participant:?} was normalised without a port"));
+    let host = ParticipantHost::parse(host);
+    if host_allowed(&config.participant_hosts_allowed, &host) {
+        return Ok(());
+    }
+    let place = place();
+    tracing::warn!(%place, %participant, "refused a participant address the allow-list does not admit");
+    Err(CoordinatorError::ParticipantNotAllowed {
+        place,
+        host: host.to_string(),
+    })
 }
 
 pub(crate) fn validate_resource(resource: &str) -> Result<(), CoordinatorError> {
@@ -177,6 +206,7 @@ pub fn validate_execute(
     for (i, branch) in request.branches.into_iter().enumerate() {
         let participant = normalize_participant(&branch.participant)
             .map_err(|e| invalid(format!("branch #{i}: {e}")))?;
+        check_participant_allowed(&participant, config, || format!("branch #{i}"))?;
         validate_resource(&branch.resource).map_err(|e| invalid(format!("branch #{i}: {e}")))?;
         if branch.payload.len() > PAYLOAD_BYTES_MAX {
             return Err(invalid(format!(
@@ -414,6 +444,8 @@ mod tests {
     }
 
     const NOW: u64 = 1_763_850_000_000;
+    /// A participant address the default allow-list admits.
+    const HERE: &str = "localhost:1";
 
     fn request(branches: Vec<pb::Branch>) -> pb::Execute2pcRequest {
         pb::Execute2pcRequest {
@@ -460,34 +492,133 @@ mod tests {
     #[test]
     fn bad_requests_are_refused_with_a_message_naming_the_problem() {
         assert!(rejected(request(vec![])).contains("at least one branch"));
-        let many = (0..65).map(|_| branch("a:1", vec![])).collect();
+        let many = (0..65).map(|_| branch(HERE, vec![])).collect();
         assert!(rejected(request(many)).contains("at most 64"));
         assert!(
-            rejected(request(vec![branch("a:1", vec![0; PAYLOAD_BYTES_MAX + 1])]))
+            rejected(request(vec![branch(HERE, vec![0; PAYLOAD_BYTES_MAX + 1])]))
                 .contains("payload")
         );
         assert!(rejected(request(vec![branch("nohost", vec![])])).contains("branch #0"));
-        let mut long_resource = request(vec![branch("a:1", vec![])]);
+        let mut long_resource = request(vec![branch(HERE, vec![])]);
         long_resource.branches[0].resource = "r".repeat(65);
         assert!(rejected(long_resource).contains("resource name"));
-        let mut timeout = request(vec![branch("a:1", vec![])]);
+        let mut timeout = request(vec![branch(HERE, vec![])]);
         timeout.timeout_ms = 300_001;
         assert!(rejected(timeout).contains("timeout_ms"));
-        let mut bad_id = request(vec![branch("a:1", vec![])]);
+        let mut bad_id = request(vec![branch(HERE, vec![])]);
         bad_id.txn_id = "not-an-id".into();
         assert!(rejected(bad_id).contains("not of the form"));
-        let mut old_id = request(vec![branch("a:1", vec![])]);
+        let mut old_id = request(vec![branch(HERE, vec![])]);
         old_id.txn_id = format!("{}-old", NOW - 8 * 24 * 3600 * 1000);
         assert!(rejected(old_id).contains("no id is ever reused"));
-        let mut future_id = request(vec![branch("a:1", vec![])]);
+        let mut future_id = request(vec![branch(HERE, vec![])]);
         future_id.txn_id = format!("{}-future", NOW + 3600 * 1000);
         assert!(rejected(future_id).contains("future"));
     }
 
+    fn denied(result: Result<impl std::fmt::Debug, CoordinatorError>) -> String {
+        match result {
+            Err(e @ CoordinatorError::ParticipantNotAllowed { .. }) => {
+                assert_eq!(e.to_status().code(), tonic::Code::PermissionDenied);
+                e.to_string()
+            }
+            other => panic!("expected PERMISSION_DENIED, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_branch_on_a_host_outside_the_allow_list_is_permission_denied() {
+        let loopback_only = config();
+        let outside = request(vec![
+            branch("127.0.0.1:7401", vec![]),
+            branch("10.1.2.3:5000", vec![]),
+        ]);
+        let message = denied(validate_execute(outside.clone(), &loopback_only, NOW));
+        assert!(
+            message.starts_with("branch #1: participant host 10.1.2.3 is not allowed"),
+            "{message}"
+        );
+        for address in [
+            "http://[::ffff:10.1.2.3]:5000",
+            "bank.internal:1",
+            "0.0.0.0:1",
+        ] {
+            denied(validate_execute(
+                request(vec![branch(address, vec![])]),
+                &loopback_only,
+                NOW,
+            ));
+        }
+        for address in ["127.0.0.1:1", "127.8.9.10:1", "[::1]:1", "LOCALHOST:1"] {
+            validate_execute(request(vec![branch(address, vec![])]), &loopback_only, NOW)
+                .unwrap_or_else(|e| panic!("{address}: {e}"));
+        }
+        // A malformed address is still INVALID_ARGUMENT: the allow-list sees only usable ones.
+        assert!(rejected(request(vec![branch("10.1.2.3", vec![])])).contains("no port"));
+        let mut private = config();
+        private.participant_hosts_allowed =
+            crate::config::parse_host_patterns("10.0.0.0/8").unwrap();
+        validate_execute(outside, &private, NOW).expect_err("loopback is no longer listed");
+        validate_execute(
+            request(vec![branch("10.1.2.3:5000", vec![])]),
+            &private,
+            NOW,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_saga_step_or_callback_on_a_host_outside_the_allow_list_is_permission_denied() {
+        let step = |name: &str, participant: &str| pb::SagaStep {
+            name: name.into(),
+            participant: participant.into(),
+            resource: "bank".into(),
+            ..Default::default()
+        };
+        let saga = |steps: Vec<pb::SagaStep>, callback: Option<&str>| pb::SubmitSagaRequest {
+            saga_id: String::new(),
+            steps,
+            sequential: true,
+            callback: callback.map(|participant| pb::SagaCallback {
+                participant: participant.into(),
+                resource: "orders".into(),
+            }),
+        };
+        let message = denied(saga::validate_submit_saga(
+            saga(
+                vec![
+                    step("debit", "127.0.0.1:1"),
+                    step("credit", "10.1.2.3:5000"),
+                ],
+                None,
+            ),
+            &config(),
+            NOW,
+        ));
+        assert!(
+            message.starts_with("step \"credit\": participant host 10.1.2.3"),
+            "{message}"
+        );
+        let message = denied(saga::validate_submit_saga(
+            saga(vec![step("debit", "127.0.0.1:1")], Some("10.1.2.3:5000")),
+            &config(),
+            NOW,
+        ));
+        assert!(
+            message.starts_with("callback: participant host 10.1.2.3"),
+            "{message}"
+        );
+        saga::validate_submit_saga(
+            saga(vec![step("debit", "127.0.0.1:1")], Some("localhost:2")),
+            &config(),
+            NOW,
+        )
+        .unwrap();
+    }
+
     #[test]
     fn valid_requests_get_defaults_and_a_fingerprint_that_sees_every_field() {
-        let valid =
-            validate_execute(request(vec![branch("a:1", vec![1])]), &config(), NOW).unwrap();
+        let valid = validate_execute(request(vec![branch(HERE, vec![1])]), &config(), NOW).unwrap();
         assert_eq!(valid.timeout_ms, 10_000);
         assert_eq!(valid.txn.created_ms(), NOW);
         let base = fingerprint(&valid.branches);

@@ -2,7 +2,9 @@
 //! conversions between prost messages and the saga engine's types, done here once.
 //!
 //! Every limit in [`crate::config`] that concerns sagas is checked before anything is
-//! written; a violation is `INVALID_ARGUMENT` naming the step and the field.
+//! written; a violation is `INVALID_ARGUMENT` naming the step and the field. The participant
+//! of every step and of the callback must be on a host the allow-list admits, or the saga is
+//! refused with `PERMISSION_DENIED` (see [`super::check_participant_allowed`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,7 +12,9 @@ use sha2::{Digest, Sha256};
 use tandem_common::{codec, Backoff, TxnId};
 use tandem_proto::v1 as pb;
 
-use super::{invalid, normalize_participant, validate_resource, validate_txn_id};
+use super::{
+    check_participant_allowed, invalid, normalize_participant, validate_resource, validate_txn_id,
+};
 use crate::config::{
     CoordinatorConfig, PAYLOAD_BYTES_MAX, RETRY_DELAY_MS_MAX, RETRY_MULTIPLIER_MAX,
     SAGA_PAYLOAD_BYTES_TOTAL_MAX, SAGA_STEPS_MAX, STEP_ATTEMPTS_MAX, STEP_NAME_LEN_MAX,
@@ -148,6 +152,7 @@ pub fn validate_submit_saga(
         let name = step.name;
         let here = |e: CoordinatorError| invalid(format!("step {name:?}: {e}"));
         let participant = normalize_participant(&step.participant).map_err(here)?;
+        check_participant_allowed(&participant, config, || format!("step {name:?}"))?;
         validate_resource(&step.resource).map_err(here)?;
         for (field, payload) in [
             ("action", &step.action),
@@ -221,6 +226,7 @@ pub fn validate_submit_saga(
         Some(callback) => {
             let here = |e: CoordinatorError| invalid(format!("callback: {e}"));
             let participant = normalize_participant(&callback.participant).map_err(here)?;
+            check_participant_allowed(&participant, config, || "callback".into())?;
             validate_resource(&callback.resource).map_err(here)?;
             Some(BranchTarget {
                 participant,

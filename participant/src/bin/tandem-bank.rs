@@ -9,6 +9,10 @@
 //!   it; with `--wait`, then `completed <id>`, `compensated <id>: ...` or `aborted <id>: ...`.
 //!   Exit code 0 if accepted (without `--wait`) or completed (with it), 1 if compensated or
 //!   aborted, 2 on any error (including a `--wait` that timed out);
+//! - `watch`: follow a saga's changes as the coordinator streams them, one line per change
+//!   (seq, kind, step, attempt, detail), ending at FINISHED with the outcome line that
+//!   `transfer --saga --wait` prints. Exit code 0 if the saga completed, 1 if it was
+//!   compensated or aborted, 2 on any error (including a stream that ended before FINISHED);
 //! - `balances`: print a stopped bank's committed balances as one JSON object;
 //! - `callbacks`: print the saga outcomes a stopped bank's callback handler received, as one
 //!   JSON object keyed by saga id.
@@ -19,7 +23,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
-use tandem_participant::{bank, Outcome, SagaOutcome, TandemClient, TxnId};
+use tandem_participant::{
+    bank, Outcome, SagaChange, SagaChangeKind, SagaOutcome, SagaState, TandemClient, TxnId,
+};
+use tokio_stream::StreamExt;
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +89,15 @@ enum Command {
         #[arg(long, requires = "saga")]
         callback: Option<String>,
     },
+    /// Follow a saga's changes until it finishes: one line per change, then the outcome.
+    Watch {
+        /// The coordinator's address.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        coordinator: String,
+        /// The saga's id (as `transfer --saga` printed it).
+        #[arg(value_parser = parse_saga_id)]
+        saga_id: TxnId,
+    },
     /// Print a stopped bank's committed balances as JSON.
     Balances {
         #[arg(long, default_value = "./bank-data")]
@@ -102,6 +118,92 @@ fn parse_names(spec: &str) -> Result<Vec<String>, String> {
         names.push(name.to_string());
     }
     Ok(names)
+}
+
+fn parse_saga_id(id: &str) -> Result<TxnId, String> {
+    TxnId::parse(id).map_err(|e| e.to_string())
+}
+
+/// The name a change kind is printed under (the contract's, without its prefix).
+fn kind_name(kind: SagaChangeKind) -> &'static str {
+    match kind {
+        SagaChangeKind::Accepted => "ACCEPTED",
+        SagaChangeKind::StepStarted => "STEP_STARTED",
+        SagaChangeKind::StepSucceeded => "STEP_SUCCEEDED",
+        SagaChangeKind::StepFailed => "STEP_FAILED",
+        SagaChangeKind::StepRetried => "STEP_RETRIED",
+        SagaChangeKind::CompensationStarted => "COMPENSATION_STARTED",
+        SagaChangeKind::StepCompensated => "STEP_COMPENSATED",
+        SagaChangeKind::CompensationRetried => "COMPENSATION_RETRIED",
+        SagaChangeKind::Stuck => "STUCK",
+        SagaChangeKind::Finished => "FINISHED",
+    }
+}
+
+/// One change as one line: seq, kind, step (`-` for the whole saga), attempt, detail.
+fn change_line(change: &SagaChange) -> String {
+    let step = if change.step.is_empty() {
+        "-"
+    } else {
+        &change.step
+    };
+    let line = format!(
+        "{:>3} {:<20} {:<6} {} {}",
+        change.seq,
+        kind_name(change.kind),
+        step,
+        change.attempt,
+        change.detail.replace('\n', " ")
+    );
+    line.trim_end().to_string()
+}
+
+/// Prints a terminal saga's outcome line and returns the exit code that goes with it: 0 if
+/// it completed, 1 if it was compensated or aborted. `None` (nothing printed) if the saga is
+/// not terminal.
+fn print_outcome(id: &TxnId, state: &SagaState) -> Option<ExitCode> {
+    match state.outcome()? {
+        SagaOutcome::Completed => {
+            println!("completed {id}");
+            Some(ExitCode::SUCCESS)
+        }
+        SagaOutcome::Compensated {
+            failed_step,
+            reason,
+        } => {
+            println!("compensated {id}: step {failed_step:?} failed: {reason}");
+            Some(ExitCode::from(1))
+        }
+        SagaOutcome::Aborted { reason } => {
+            println!("aborted {id}: {reason}");
+            Some(ExitCode::from(1))
+        }
+    }
+}
+
+/// Streams a saga's changes until FINISHED; see the module docs for what it prints and its
+/// exit codes.
+async fn watch(client: TandemClient, id: TxnId) -> anyhow::Result<ExitCode> {
+    let mut changes = client
+        .watch(&id)
+        .await
+        .with_context(|| format!("watching saga {id}"))?;
+    while let Some(change) = changes.next().await {
+        let change = change.with_context(|| format!("watching saga {id}"))?;
+        println!("{}", change_line(&change));
+        if change.kind == SagaChangeKind::Finished {
+            // The SDK checked that FINISHED carries a terminal state.
+            return change
+                .outcome
+                .as_ref()
+                .and_then(|state| print_outcome(&id, state))
+                .ok_or_else(|| anyhow!("saga {id}: FINISHED came without a final state"));
+        }
+    }
+    bail!(
+        "the watch of saga {id} ended before the saga finished (the coordinator stopped, or \
+         this watch fell too far behind); watch again"
+    )
 }
 
 /// Runs a saga transfer; see the module docs for what it prints and its exit codes.
@@ -131,22 +233,8 @@ async fn saga_transfer(
         .wait(&id, timeout)
         .await
         .with_context(|| format!("waiting for saga {id}"))?;
-    match state.outcome() {
-        Some(SagaOutcome::Completed) => {
-            println!("completed {id}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Some(SagaOutcome::Compensated {
-            failed_step,
-            reason,
-        }) => {
-            println!("compensated {id}: step {failed_step:?} failed: {reason}");
-            Ok(ExitCode::from(1))
-        }
-        Some(SagaOutcome::Aborted { reason }) => {
-            println!("aborted {id}: {reason}");
-            Ok(ExitCode::from(1))
-        }
+    match print_outcome(&id, &state) {
+        Some(code) => Ok(code),
         None => bail!(
             "saga {id} is still {:?} after {} ms",
             state.phase,
@@ -246,6 +334,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Watch {
+            coordinator,
+            saga_id,
+        } => {
+            let client = TandemClient::connect(&coordinator).await?;
+            watch(client, saga_id).await
+        }
         Command::Balances { data_dir } => {
             let balances = bank::balances_in(&data_dir)?;
             println!("{}", serde_json::to_string(&balances)?);
@@ -315,6 +410,57 @@ mod tests {
             parse(&["--saga", "--wait-timeout-ms", "5"]).is_err(),
             "needs --wait"
         );
+    }
+
+    #[test]
+    fn watch_takes_a_well_formed_saga_id_and_an_optional_coordinator() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["tandem-bank", "watch"].iter().chain(args)).map(|cli| {
+                match cli.command {
+                    Command::Watch {
+                        coordinator,
+                        saga_id,
+                    } => (coordinator, saga_id.to_string()),
+                    _ => panic!("parsed as another command"),
+                }
+            })
+        };
+        let id = "1795394986401-280e78f2e5374a150";
+        assert_eq!(
+            parse(&[id]).unwrap(),
+            ("127.0.0.1:7400".to_string(), id.to_string())
+        );
+        assert_eq!(
+            parse(&["--coordinator", "127.0.0.1:9", id]).unwrap(),
+            ("127.0.0.1:9".to_string(), id.to_string())
+        );
+        assert!(parse(&[]).is_err(), "the saga id is required");
+        let malformed = parse(&["not-a-saga-id"]).unwrap_err().to_string();
+        assert!(malformed.contains("not-a-saga-id"), "{malformed}");
+        assert!(parse(&[id, id]).is_err(), "one saga at a time");
+    }
+
+    #[test]
+    fn a_change_is_one_line_with_seq_kind_step_attempt_and_detail() {
+        let change = |kind, step: &str, attempt, detail: &str| SagaChange {
+            seq: 7,
+            at_ms: 1,
+            kind,
+            step: step.into(),
+            attempt,
+            detail: detail.into(),
+            outcome: None,
+        };
+        assert_eq!(
+            change_line(&change(SagaChangeKind::StepSucceeded, "debit", 1, "")),
+            "  7 STEP_SUCCEEDED       debit  1"
+        );
+        assert_eq!(
+            change_line(&change(SagaChangeKind::Accepted, "", 0, "2 steps")),
+            "  7 ACCEPTED             -      0 2 steps"
+        );
+        let retried = change_line(&change(SagaChangeKind::StepRetried, "credit", 2, "a\nb"));
+        assert_eq!(retried, "  7 STEP_RETRIED         credit 2 a b");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use tandem_coordinator::config::{format_host_patterns, parse_host_patterns};
 use tandem_coordinator::{daemon, CoordinatorConfig};
 
 #[derive(Parser)]
@@ -61,6 +62,27 @@ pub struct ServeArgs {
     /// Most sagas in flight before new ones are refused (RESOURCE_EXHAUSTED).
     #[arg(long, default_value_t = 10_000)]
     saga_in_flight_max: usize,
+    /// Hosts the coordinator may call as participants, comma-separated
+    ///
+    /// Every participant address a client names (2PC branches, saga steps, saga callbacks)
+    /// must be on one of these hosts; a request naming any other is refused with
+    /// PERMISSION_DENIED before anything is written or any connection is made.
+    /// Each entry is one of:
+    ///   loopback          127.0.0.0/8, ::1 and the name localhost (the default)
+    ///   10.1.2.3, ::1     one IP address (IPv6 with or without brackets)
+    ///   10.0.0.0/8        an IP network in CIDR form (host bits must be clear)
+    ///   bank.internal     a host name, matched literally (case aside)
+    ///   *.bank.internal   every name under that domain (not the domain itself)
+    /// Host names are never resolved to be checked: a name is allowed only if it is
+    /// listed, since a resolved address could change before the connection is made.
+    /// Example: --allow-participants loopback,10.0.0.0/8,*.bank.internal
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "loopback",
+        verbatim_doc_comment
+    )]
+    allow_participants: String,
 }
 
 pub async fn shutdown_signal() {
@@ -87,6 +109,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.txn_in_flight_max == 0 {
         bail!("--txn-in-flight-max must be at least 1");
     }
+    let participant_hosts_allowed =
+        parse_host_patterns(&args.allow_participants).context("--allow-participants")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
@@ -106,6 +130,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.prepare_timeout_ms_max = args.prepare_timeout_ms_max;
     config.txn_in_flight_max = args.txn_in_flight_max;
     config.saga_in_flight_max = args.saga_in_flight_max;
+    tracing::info!(
+        allowed = %format_host_patterns(&participant_hosts_allowed),
+        "participant hosts allowed"
+    );
+    config.participant_hosts_allowed = participant_hosts_allowed;
     // Tests and scripts read this line to learn the port.
     println!("tandem coordinator listening on {bound}");
     daemon::run(listener, &args.data_dir, config, shutdown_signal())
