@@ -111,15 +111,16 @@ pub enum Outcome {
 /// defaults".
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RetryPolicy {
-    /// Delay before the first retry (default: 100 ms).
+    /// Delay before the first retry (default: 50 ms).
     pub initial_delay_ms: u64,
     /// Growth of the delay per retry (default: 2.0); otherwise at least 1.0.
     pub multiplier: f64,
-    /// Cap of the delay (default: 10,000 ms).
+    /// Cap of the delay (default: 5,000 ms).
     pub max_delay_ms: u64,
-    /// Attempts in all, the first included (default: 5); at most 1,000.
+    /// Attempts in all, the first included (default: 10); at most 1,000.
     pub max_attempts: u32,
-    /// No new attempt starts this long after the first (default: no deadline).
+    /// No new attempt starts this long after the first. 0 means no deadline once a policy is
+    /// given; a step with no policy at all gets the coordinator's 60,000 ms.
     pub deadline_ms: u64,
 }
 

@@ -1,7 +1,7 @@
 //! The saga half of the runtime: carries out the [`SagaEngine`]'s effects and keeps the clients
 //! that wait on sagas (submitters waiting for acceptance, `wait` callers, `watch` streams).
 //!
-//! Durability: the spec write is the only forced one. `SagaEvent::Accepted` is fed back (and
+//! Durability: the spec and the outcome are the forced writes. `SagaEvent::Accepted` is fed back (and
 //! so the submitter answered, and the first actions sent) only once the flush that covers it
 //! has completed. Progress is written lazily; after a crash the engine resumes from the last
 //! progress that reached the disk and re-sends what was in flight, which the participants'
