@@ -508,16 +508,23 @@ pub fn balances(db: &sled::Db) -> Result<BTreeMap<String, i64>, Error> {
 
 /// Every account, by name.
 pub fn accounts(db: &sled::Db) -> Result<BTreeMap<String, Account>, Error> {
-    let tree = db.open_tree(ACCOUNTS_TREE)?;
-    let mut accounts = BTreeMap::new();
-    for entry in tree.iter() {
+    read_tree(db, ACCOUNTS_TREE)
+}
+
+/// Every record of `tree`, decoded, by key.
+fn read_tree<T: serde::de::DeserializeOwned>(
+    db: &sled::Db,
+    tree: &str,
+) -> Result<BTreeMap<String, T>, Error> {
+    let mut records = BTreeMap::new();
+    for entry in db.open_tree(tree)?.iter() {
         let (key, value) = entry?;
-        accounts.insert(
+        records.insert(
             String::from_utf8_lossy(&key).into_owned(),
-            codec::decode::<Account>(&value)?,
+            codec::decode::<T>(&value)?,
         );
     }
-    Ok(accounts)
+    Ok(records)
 }
 
 /// Reads the balances of a stopped bank from its data folder.
@@ -527,16 +534,7 @@ pub fn balances_in(dir: &Path) -> Result<BTreeMap<String, i64>, Error> {
 
 /// Every saga outcome the bank's callback handler received, by saga id.
 pub fn saga_callbacks(db: &sled::Db) -> Result<BTreeMap<String, ReceivedCallback>, Error> {
-    let tree = db.open_tree(SAGA_CALLBACKS_TREE)?;
-    let mut received = BTreeMap::new();
-    for entry in tree.iter() {
-        let (key, value) = entry?;
-        received.insert(
-            String::from_utf8_lossy(&key).into_owned(),
-            codec::decode::<ReceivedCallback>(&value)?,
-        );
-    }
-    Ok(received)
+    read_tree(db, SAGA_CALLBACKS_TREE)
 }
 
 /// Reads the saga outcomes a stopped bank received from its data folder.

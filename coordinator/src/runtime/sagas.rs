@@ -232,7 +232,8 @@ impl Runtime {
 
     /// Whether `id` names a saga (in flight or in the log).
     pub(super) fn saga_exists(&self, id: &TxnId) -> Result<bool, CoordinatorError> {
-        Ok(self.sagas.engine.status(id).is_some() || self.log.get_saga(id)?.is_some())
+        // `fingerprint` is a lookup; `status` would build a whole snapshot on the 2PC hot path.
+        Ok(self.sagas.engine.fingerprint(id).is_some() || self.log.get_saga(id)?.is_some())
     }
 
     fn saga_view(&self, saga: &TxnId) -> Result<Option<SagaView>, CoordinatorError> {

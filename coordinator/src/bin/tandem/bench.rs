@@ -145,6 +145,27 @@ async fn participant(args: ParticipantArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One closed loop's result: latencies in µs, then its two outcome counts.
+type LoopResult = Result<(Vec<u64>, u64, u64), tandem_participant::Error>;
+
+/// Adds the loops' counts and returns them with the p50, p99 and p999 latency in ms.
+fn summarize(loops: Vec<LoopResult>, what: &str) -> anyhow::Result<(u64, u64, (f64, f64, f64))> {
+    let (mut latencies, mut first, mut second) = (Vec::new(), 0, 0);
+    for result in loops {
+        let (l, a, b) = result.map_err(|e| anyhow!("{what} failed: {e}"))?;
+        latencies.extend(l);
+        first += a;
+        second += b;
+    }
+    latencies.sort_unstable();
+    let percentiles = (
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        percentile(&latencies, 99.9),
+    );
+    Ok((first, second, percentiles))
+}
+
 fn percentile(sorted_micros: &[u64], p: f64) -> f64 {
     if sorted_micros.is_empty() {
         return 0.0;
@@ -217,22 +238,10 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
         }
     }))
     .await;
-    let (mut latencies, mut committed, mut aborted) = (Vec::new(), 0, 0);
-    for worker in workers {
-        let (l, c, a) = worker.map_err(|e| anyhow!("a transfer failed: {e}"))?;
-        latencies.extend(l);
-        committed += c;
-        aborted += a;
-    }
-    latencies.sort_unstable();
+    let (committed, aborted, (p50, p99, p999)) = summarize(workers, "a transfer")?;
     let seconds = args.load.duration.as_secs_f64();
     let tps = committed as f64 / seconds;
     let efficiency = tps * RPCS_PER_TRANSFER / ping_rate;
-    let (p50, p99, p999) = (
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
-        percentile(&latencies, 99.9),
-    );
     if args.load.json {
         println!(
             "{}",
@@ -462,23 +471,11 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
         }
     }))
     .await;
-    let (mut latencies, mut completed, mut compensated) = (Vec::new(), 0, 0);
-    for worker in workers {
-        let (l, c, x) = worker.map_err(|e| anyhow!("a saga failed: {e}"))?;
-        latencies.extend(l);
-        completed += c;
-        compensated += x;
-    }
-    latencies.sort_unstable();
+    let (completed, compensated, (p50, p99, p999)) = summarize(workers, "a saga")?;
     let seconds = args.load.duration.as_secs_f64();
     let rate = completed as f64 / seconds;
     let rpcs = f64::from(args.steps + 1);
     let efficiency = rate * rpcs / ping_rate;
-    let (p50, p99, p999) = (
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
-        percentile(&latencies, 99.9),
-    );
     if args.load.json {
         println!(
             "{}",
