@@ -110,6 +110,14 @@ pub struct CoordinatorConfig {
     pub saga_callback_backoff: Backoff,
     /// Most sagas in flight; beyond it new ones get RESOURCE_EXHAUSTED.
     pub saga_in_flight_max: usize,
+    /// Most requests queued for the runtime; beyond it new ones get RESOURCE_EXHAUSTED at
+    /// once rather than waiting.
+    pub request_queue_max: usize,
+    /// The retry hint (`google.rpc.RetryInfo`) given with RESOURCE_EXHAUSTED.
+    pub overload_retry_after_ms: u64,
+    /// Once shutdown begins, how long calls in progress may take to finish before the
+    /// daemon cuts them off (what is unfinished resumes at the next start).
+    pub shutdown_grace: Duration,
     /// The hosts the coordinator may call as participants (branches, saga steps, saga
     /// callbacks); a request naming any other is refused with PERMISSION_DENIED. An empty
     /// list allows nothing. Default: `[HostPattern::Loopback]`. See the module docs.
@@ -139,6 +147,9 @@ impl CoordinatorConfig {
             saga_stuck_after_failures: STUCK_AFTER_FAILURES_DEFAULT,
             saga_callback_backoff: Backoff::default(),
             saga_in_flight_max: 10_000,
+            request_queue_max: 4_096,
+            overload_retry_after_ms: 100,
+            shutdown_grace: Duration::from_secs(10),
             participant_hosts_allowed: vec![HostPattern::Loopback],
         }
     }

@@ -30,6 +30,7 @@ use tonic_health::ServingStatus;
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
 use crate::log::sled_log::SledLog;
+use crate::log::TxnLog;
 use crate::runtime;
 use crate::server::CoordinatorService;
 use crate::transport::GrpcTransport;
@@ -85,8 +86,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let log = Arc::new(SledLog::open(data_dir).map_err(CoordinatorError::from)?);
-    let (handle, runtime_task) =
-        runtime::start(log, Arc::new(GrpcTransport::new()), config.clone())?;
+    let (handle, runtime_task) = runtime::start(
+        log.clone(),
+        Arc::new(GrpcTransport::new()),
+        config.clone(),
+    )?;
+    let grace = config.shutdown_grace;
     let service = CoordinatorService::new(handle, config);
     // Recovery ran in `runtime::start`: the coordinator is ready before the first connection.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -111,8 +116,12 @@ pub async fn run(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    // Once shutdown begins, the server stops accepting and lets calls in progress finish;
+    // `stopping` starts the grace period after which the rest are cut off.
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
+        let _ = stopping_tx.send(());
         health_shutting_down(health).await;
     };
     tracing::info!(listen = ?listener.local_addr().ok(), data_dir = %data_dir.display(), "coordinator serving");
@@ -133,11 +142,30 @@ pub async fn run(
         );
     // Spawned, so the server runs on the runtime's workers rather than on the thread that
     // awaits `run` (under `#[tokio::main]`, the main thread, which is no worker).
-    tokio::spawn(server)
-        .await
-        .map_err(|e| DaemonError::Task(e.to_string()))??;
-    // The service (and its handle) are dropped with the server; the runtime then drains.
+    let mut server = tokio::spawn(server);
+    let grace_over = async move {
+        if stopping.await.is_err() {
+            return std::future::pending().await; // the server ended without a shutdown
+        }
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = &mut server => served.map_err(|e| DaemonError::Task(e.to_string()))??,
+        () = grace_over => {
+            // Calls still open (a long prepare, a watch) are cut off: their clients see
+            // UNAVAILABLE and learn the outcome by retrying with the same id, after the
+            // next start has recovered what is unfinished.
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period over; closing the calls still open");
+            server.abort();
+            let _ = server.await;
+        }
+    }
+    // The service (and its handle) are dropped with the server; the runtime then drains
+    // and the log is flushed, so that even what was written lazily survives.
     let _ = runtime_task.await;
+    if let Err(e) = log.flush().await {
+        tracing::error!(error = %e, "flushing the log at shutdown failed");
+    }
     tracing::info!("coordinator stopped");
     Ok(())
 }

@@ -21,10 +21,13 @@ pub enum CoordinatorError {
     /// connection was made; the same request will be refused again.
     #[error("{place}: participant host {host} is not allowed: this coordinator calls only the hosts its configuration allows (tandem serve --allow-participants)")]
     ParticipantNotAllowed { place: String, host: String },
-    /// Too much work in flight; the caller should retry after `retry_after_ms`.
-    #[error("too many transactions in flight ({in_flight}, limit {limit}); retry in {retry_after_ms} ms")]
+    /// Admission control refused the request: too much work in flight or queued (`what`
+    /// names the bound). Nothing was started; the caller should retry after
+    /// `retry_after_ms`, which the status carries as a `google.rpc.RetryInfo` detail.
+    #[error("too many {what} ({count}, limit {limit}); retry in {retry_after_ms} ms")]
     Overloaded {
-        in_flight: usize,
+        what: &'static str,
+        count: usize,
         limit: usize,
         retry_after_ms: u64,
     },
@@ -73,7 +76,16 @@ impl CoordinatorError {
             CoordinatorError::ParticipantNotAllowed { .. } => {
                 tonic::Status::permission_denied(message)
             }
-            CoordinatorError::Overloaded { .. } => tonic::Status::resource_exhausted(message),
+            CoordinatorError::Overloaded { retry_after_ms, .. } => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                tonic::Status::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    message,
+                    ErrorDetails::with_retry_info(Some(std::time::Duration::from_millis(
+                        *retry_after_ms,
+                    ))),
+                )
+            }
             CoordinatorError::ShuttingDown => tonic::Status::unavailable(message),
             CoordinatorError::Log(_) => tonic::Status::internal(message),
         }
@@ -96,12 +108,21 @@ mod tests {
         assert!(!refused.is_retryable() && refused.is_outcome_known());
         assert_eq!(refused.to_status().code(), tonic::Code::InvalidArgument);
         let busy = CoordinatorError::Overloaded {
-            in_flight: 10,
+            what: "transactions in flight",
+            count: 10,
             limit: 10,
             retry_after_ms: 100,
         };
         assert!(busy.is_retryable() && busy.is_outcome_known());
-        assert_eq!(busy.to_status().code(), tonic::Code::ResourceExhausted);
+        let status = busy.to_status();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "too many transactions in flight (10, limit 10); retry in 100 ms"
+        );
+        use tonic_types::StatusExt;
+        let hint = status.get_details_retry_info().expect("a RetryInfo detail");
+        assert_eq!(hint.retry_delay, Some(std::time::Duration::from_millis(100)));
         let not_allowed = CoordinatorError::ParticipantNotAllowed {
             place: "branch #0".into(),
             host: "10.1.2.3".into(),

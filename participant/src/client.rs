@@ -319,6 +319,25 @@ fn endpoint_uri(address: &str) -> String {
     }
 }
 
+/// How long to wait before retry number `attempt` (from 1) after `error`: the coordinator's
+/// hint when it refused the call for overload, with up to half of it again added at random
+/// so that refused clients do not all return at the same instant; otherwise exponential.
+fn retry_delay(attempt: u32, error: &Error) -> Duration {
+    match error {
+        Error::Overloaded {
+            retry_after: Some(hint),
+            ..
+        } => {
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_nanos() as u64);
+            let mut rng = tandem_common::backoff::SplitMix64::new(seed ^ u64::from(attempt));
+            hint.mul_f64(1.0 + 0.5 * rng.next_f64())
+        }
+        _ => Duration::from_millis(50 << attempt),
+    }
+}
+
 fn status_error(status: tonic::Status) -> Error {
     match status.code() {
         tonic::Code::InvalidArgument => Error::InvalidArgument(status.message().to_string()),
@@ -329,6 +348,15 @@ fn status_error(status: tonic::Status) -> Error {
             Error::Unavailable(status.message().to_string())
         }
         tonic::Code::Unavailable => Error::Unavailable(status.message().to_string()),
+        tonic::Code::ResourceExhausted => {
+            use tonic_types::StatusExt;
+            Error::Overloaded {
+                message: status.message().to_string(),
+                retry_after: status
+                    .get_details_retry_info()
+                    .and_then(|hint| hint.retry_delay),
+            }
+        }
         code => Error::Coordinator {
             code,
             message: status.message().to_string(),
@@ -396,7 +424,7 @@ impl TandemClient {
                         return Err(error);
                     }
                     tracing::debug!(txn = %txn, attempt, error = %error, "retrying with the same id");
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    tokio::time::sleep(retry_delay(attempt, &error)).await;
                 }
             }
         };
@@ -442,7 +470,7 @@ impl TandemClient {
                         return Err(error);
                     }
                     tracing::debug!(call = what, attempt, error = %error, "retrying");
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    tokio::time::sleep(retry_delay(attempt, &error)).await;
                 }
             }
         }

@@ -36,6 +36,13 @@ pub enum Error {
     /// The coordinator (or a participant) could not be reached or did not answer in time.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The coordinator's admission control refused the call (RESOURCE_EXHAUSTED): nothing
+    /// was started; retry after `retry_after`, the coordinator's hint when it gave one.
+    #[error("coordinator overloaded: {message}")]
+    Overloaded {
+        message: String,
+        retry_after: Option<std::time::Duration>,
+    },
     /// The coordinator answered with another error status.
     #[error("coordinator error {code:?}: {message}")]
     Coordinator { code: tonic::Code, message: String },
@@ -45,7 +52,7 @@ impl Error {
     /// Whether the same call may succeed if retried unchanged.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Unavailable(_) | Error::Storage(_) => true,
+            Error::Unavailable(_) | Error::Storage(_) | Error::Overloaded { .. } => true,
             Error::Coordinator { code, .. } => {
                 matches!(
                     code,
@@ -86,6 +93,7 @@ impl Error {
             | Error::Conflict(_)
             | Error::AlreadyExists(_)
             | Error::Resource(_)
+            | Error::Overloaded { .. }
             | Error::Codec(_) => true,
         }
     }
@@ -101,6 +109,7 @@ impl Error {
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
             Error::Unavailable(_) => tonic::Status::unavailable(message),
             Error::Coordinator { code, .. } => tonic::Status::new(*code, message),
+            Error::Overloaded { .. } => tonic::Status::resource_exhausted(message),
             Error::Resource(_) | Error::Storage(_) | Error::Flush(_) | Error::Codec(_) => {
                 tonic::Status::internal(message)
             }

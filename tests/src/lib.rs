@@ -11,6 +11,7 @@
 //!
 //! Every wait here is bounded; a test never hangs on a dead process.
 
+pub mod scripted_participant;
 pub mod sim;
 
 use std::collections::BTreeMap;
@@ -186,6 +187,22 @@ impl Node {
     pub fn addr(&self) -> String {
         assert_ne!(self.port, 0, "{} never started", self.name);
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The resident memory of the running process, in KiB (from `/proc/<pid>/status`).
+    pub fn resident_kib(&self) -> u64 {
+        let pid = self
+            .server
+            .as_ref()
+            .and_then(ChildServer::pid)
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("reading /proc/{pid}/status of {}: {e}", self.name));
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS line for {} in {status}", self.name))
     }
 
     /// Kills the process at once (SIGKILL).

@@ -47,8 +47,6 @@ use crate::transport::{
     CallFuture, DecisionCall, ParticipantTransport, PrepareCall, TransportError,
 };
 
-/// How many client commands may queue for the runtime before callers wait.
-const COMMAND_QUEUE_MAX: usize = 4096;
 /// How many queued commands or events the loop takes per wake-up.
 const LOOP_BATCH_MAX: usize = 256;
 
@@ -106,18 +104,33 @@ enum TimerEntry {
 #[derive(Clone)]
 pub struct CoordinatorHandle {
     commands: mpsc::Sender<Command>,
+    /// The queue's bound and the retry hint given when it is full.
+    queue_max: usize,
+    retry_after_ms: u64,
 }
 
 impl CoordinatorHandle {
+    /// Queues a command for the runtime, or refuses it at once when the queue is full: a
+    /// caller that waited instead would hold its request's memory for as long as the
+    /// overload lasts, and the client would learn nothing (admission control, protocol.md).
+    fn enqueue(&self, command: Command) -> Result<(), CoordinatorError> {
+        self.commands.try_send(command).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CoordinatorError::Overloaded {
+                what: "queued requests",
+                count: self.queue_max,
+                limit: self.queue_max,
+                retry_after_ms: self.retry_after_ms,
+            },
+            mpsc::error::TrySendError::Closed(_) => CoordinatorError::ShuttingDown,
+        })
+    }
+
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, CoordinatorError> {
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(make(reply))
-            .await
-            .map_err(|_| CoordinatorError::ShuttingDown)?;
+        self.enqueue(make(reply))?;
         answer.await.map_err(|_| CoordinatorError::ShuttingDown)
     }
 
@@ -167,10 +180,7 @@ impl CoordinatorHandle {
             saga: saga.clone(),
             reply,
         });
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| CoordinatorError::ShuttingDown)?;
+        self.enqueue(command)?;
         match tokio::time::timeout(timeout, answer).await {
             Ok(answer) => answer.map_err(|_| CoordinatorError::ShuttingDown)?,
             Err(_elapsed) => self.get_saga(saga).await,
@@ -194,7 +204,7 @@ pub fn start(
     transport: Arc<dyn ParticipantTransport>,
     config: CoordinatorConfig,
 ) -> Result<(CoordinatorHandle, tokio::task::JoinHandle<()>), CoordinatorError> {
-    let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE_MAX);
+    let (commands_tx, commands) = mpsc::channel(config.request_queue_max);
     let (events_tx, events) = mpsc::unbounded_channel();
     let engine = Engine::new(
         EngineConfig {
@@ -222,6 +232,8 @@ pub fn start(
         sagas: sagas::SagaSide::new(saga_engine),
     };
     runtime.recover()?;
+    let runtime_queue_max = runtime.config.request_queue_max;
+    let runtime_retry_after_ms = runtime.config.overload_retry_after_ms;
     let task = tokio::spawn(async move {
         use futures::FutureExt;
         let run = std::panic::AssertUnwindSafe(runtime.run(commands, events));
@@ -235,6 +247,8 @@ pub fn start(
     Ok((
         CoordinatorHandle {
             commands: commands_tx,
+            queue_max: runtime_queue_max,
+            retry_after_ms: runtime_retry_after_ms,
         },
         task,
     ))
@@ -455,9 +469,10 @@ impl Runtime {
         let in_flight = self.engine.in_flight();
         if in_flight >= self.config.txn_in_flight_max {
             let _ = reply.send(Err(CoordinatorError::Overloaded {
-                in_flight,
+                what: "transactions in flight",
+                count: in_flight,
                 limit: self.config.txn_in_flight_max,
-                retry_after_ms: 100,
+                retry_after_ms: self.config.overload_retry_after_ms,
             }));
             return;
         }

@@ -315,9 +315,10 @@ impl Runtime {
         let in_flight = self.sagas.engine.in_flight();
         if in_flight >= self.config.saga_in_flight_max {
             let _ = reply.send(Err(CoordinatorError::Overloaded {
-                in_flight,
+                what: "sagas in flight",
+                count: in_flight,
                 limit: self.config.saga_in_flight_max,
-                retry_after_ms: 100,
+                retry_after_ms: self.config.overload_retry_after_ms,
             }));
             return;
         }
