@@ -86,11 +86,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let log = Arc::new(SledLog::open(data_dir).map_err(CoordinatorError::from)?);
-    let (handle, runtime_task) = runtime::start(
-        log.clone(),
-        Arc::new(GrpcTransport::new()),
-        config.clone(),
-    )?;
+    let (handle, runtime_task) =
+        runtime::start(log.clone(), Arc::new(GrpcTransport::new()), config.clone())?;
     let grace = config.shutdown_grace;
     let service = CoordinatorService::new(handle, config);
     // Recovery ran in `runtime::start`: the coordinator is ready before the first connection.
@@ -160,9 +157,10 @@ pub async fn run(
             let _ = server.await;
         }
     }
-    // The service (and its handle) are dropped with the server; the runtime then drains
-    // and the log is flushed, so that even what was written lazily survives.
-    let _ = runtime_task.await;
+    // Calls cut off above may still be parked in connection tasks holding handles: the
+    // runtime is stopped rather than left to notice the last handle go, which answers them
+    // (UNAVAILABLE). Then the log is flushed, so that even what was written lazily survives.
+    runtime_task.stop().await;
     if let Err(e) = log.flush().await {
         tracing::error!(error = %e, "flushing the log at shutdown failed");
     }

@@ -122,7 +122,10 @@ mod tests {
         );
         use tonic_types::StatusExt;
         let hint = status.get_details_retry_info().expect("a RetryInfo detail");
-        assert_eq!(hint.retry_delay, Some(std::time::Duration::from_millis(100)));
+        assert_eq!(
+            hint.retry_delay,
+            Some(std::time::Duration::from_millis(100))
+        );
         let not_allowed = CoordinatorError::ParticipantNotAllowed {
             place: "branch #0".into(),
             host: "10.1.2.3".into(),

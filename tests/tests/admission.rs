@@ -246,7 +246,10 @@ async fn ten_times_the_saga_bound_admits_the_bound_completes_it_and_refuses_the_
     }
     let received = participant.received();
     for saga in &refused {
-        assert!(!received.acts.contains_key(saga), "{saga} was refused yet acted");
+        assert!(
+            !received.acts.contains_key(saga),
+            "{saga} was refused yet acted"
+        );
         let status = client
             .get_saga(pb::GetSagaRequest {
                 saga_id: saga.clone(),
@@ -292,7 +295,12 @@ async fn the_sdk_client_waits_out_the_retry_hint_and_gets_its_transaction_throug
     // first and gets through by retrying after the hint.
     let mut coordinator = Node::coordinator_with_args(
         dir.path(),
-        &["--txn-in-flight-max", "1", "--overload-retry-after-ms", "300"],
+        &[
+            "--txn-in-flight-max",
+            "1",
+            "--overload-retry-after-ms",
+            "300",
+        ],
         None,
     )
     .await;
@@ -306,14 +314,15 @@ async fn the_sdk_client_waits_out_the_retry_hint_and_gets_its_transaction_throug
     let mut second = client(&coordinator.addr()).await;
     let now = tandem_common::unix_now_ms();
     let (a, b) = (TxnId::generate(now), TxnId::generate(now));
-    let (first_outcome, second_outcome) = tokio::join!(
-        first.execute_2pc_with(&a, vec![branch()], None),
-        async {
+    let (first_outcome, second_outcome) =
+        tokio::join!(first.execute_2pc_with(&a, vec![branch()], None), async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             second.execute_2pc_with(&b, vec![branch()], None).await
-        }
+        });
+    assert_eq!(
+        first_outcome.unwrap(),
+        tandem_participant::Outcome::Committed
     );
-    assert_eq!(first_outcome.unwrap(), tandem_participant::Outcome::Committed);
     assert_eq!(
         second_outcome.expect("the SDK retried after the hint"),
         tandem_participant::Outcome::Committed

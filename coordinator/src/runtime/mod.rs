@@ -197,13 +197,29 @@ impl CoordinatorHandle {
     }
 }
 
-/// Starts the runtime: runs recovery, then serves commands until every handle is dropped.
-/// Returns the handle and the task, which ends once the last handle is gone.
+/// The runtime's task, and the means to stop it.
+pub struct RuntimeTask {
+    task: tokio::task::JoinHandle<()>,
+    stop: oneshot::Sender<()>,
+}
+
+impl RuntimeTask {
+    /// Stops the loop at once, as a crash would (everything it decided is already durable;
+    /// what is unfinished resumes at the next start), answers every client still waiting
+    /// with [`CoordinatorError::ShuttingDown`], and waits for the task to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the runtime: runs recovery, then serves commands until every handle is dropped or
+/// [`RuntimeTask::stop`] is called.
 pub fn start(
     log: Arc<dyn TxnLog>,
     transport: Arc<dyn ParticipantTransport>,
     config: CoordinatorConfig,
-) -> Result<(CoordinatorHandle, tokio::task::JoinHandle<()>), CoordinatorError> {
+) -> Result<(CoordinatorHandle, RuntimeTask), CoordinatorError> {
     let (commands_tx, commands) = mpsc::channel(config.request_queue_max);
     let (events_tx, events) = mpsc::unbounded_channel();
     let engine = Engine::new(
@@ -234,9 +250,10 @@ pub fn start(
     runtime.recover()?;
     let runtime_queue_max = runtime.config.request_queue_max;
     let runtime_retry_after_ms = runtime.config.overload_retry_after_ms;
+    let (stop, stop_rx) = oneshot::channel();
     let task = tokio::spawn(async move {
         use futures::FutureExt;
-        let run = std::panic::AssertUnwindSafe(runtime.run(commands, events));
+        let run = std::panic::AssertUnwindSafe(runtime.run(commands, events, stop_rx));
         if let Err(panic) = run.catch_unwind().await {
             // A broken invariant: nothing the runtime holds can be trusted any more. Stop, as
             // kill -9 would, and let recovery start from what is on disk.
@@ -250,7 +267,7 @@ pub fn start(
             queue_max: runtime_queue_max,
             retry_after_ms: runtime_retry_after_ms,
         },
-        task,
+        RuntimeTask { task, stop },
     ))
 }
 
@@ -300,6 +317,7 @@ impl Runtime {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut events: mpsc::UnboundedReceiver<LoopEvent>,
+        mut stop: oneshot::Receiver<()>,
     ) {
         let mut command_batch = Vec::with_capacity(LOOP_BATCH_MAX);
         let mut event_batch = Vec::with_capacity(LOOP_BATCH_MAX);
@@ -316,6 +334,7 @@ impl Runtime {
             };
             tokio::select! {
                 biased;
+                _ = &mut stop => break,
                 () = timer_due => self.fire_due_timers(),
                 n = events.recv_many(&mut event_batch, LOOP_BATCH_MAX) => {
                     debug_assert!(n > 0, "the runtime holds a sender, so events never close");
@@ -706,5 +725,47 @@ fn status_of_record(record: TxnRecord) -> TxnStatus {
             decision: Some(decision.clone()),
             branches: status(branches, Some(branch_phases)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_request_queue_refuses_at_once_with_the_retry_hint_and_a_closed_one_is_shutting_down(
+    ) {
+        let (commands, mut queue) = mpsc::channel(1);
+        let handle = CoordinatorHandle {
+            commands,
+            queue_max: 1,
+            retry_after_ms: 70,
+        };
+        let in_flight = |reply| Command::InFlight { reply };
+        let (first, _first_answer) = oneshot::channel();
+        handle
+            .enqueue(in_flight(first))
+            .expect("the first request fits");
+        let (second, _second_answer) = oneshot::channel();
+        match handle.enqueue(in_flight(second)) {
+            Err(CoordinatorError::Overloaded {
+                what,
+                count,
+                limit,
+                retry_after_ms,
+            }) => {
+                assert_eq!(
+                    (what, count, limit, retry_after_ms),
+                    ("queued requests", 1, 1, 70)
+                );
+            }
+            other => panic!("a full queue must refuse at once, got {:?}", other.err()),
+        }
+        queue.close();
+        let (third, _third_answer) = oneshot::channel();
+        assert!(matches!(
+            handle.enqueue(in_flight(third)),
+            Err(CoordinatorError::ShuttingDown)
+        ));
     }
 }

@@ -181,8 +181,10 @@ pub struct ServeArgs {
 /// The names of every configuration key, from the defaults' own serialisation (so the list
 /// cannot drift from the struct).
 fn config_keys() -> Vec<String> {
-    let mut defaults = ServeConfig::default();
-    defaults.advertise = Some(String::new()); // skipped when absent; a key all the same
+    let defaults = ServeConfig {
+        advertise: Some(String::new()), // skipped when absent; a key all the same
+        ..ServeConfig::default()
+    };
     match toml::Value::try_from(&defaults) {
         Ok(toml::Value::Table(table)) => table.keys().cloned().collect(),
         other => unreachable!("ServeConfig serialises as a table, not {other:?}"),
@@ -241,7 +243,12 @@ fn describe_error(error: figment::Error) -> String {
 /// Range checks that types cannot express; each error names its key.
 fn validate(c: &ServeConfig) -> anyhow::Result<()> {
     fn refuse(key: &str, why: impl std::fmt::Display) -> anyhow::Result<()> {
-        bail!("configuration key `{key}`: {why}")
+        // The value may have come from any layer: name the key in all three spellings.
+        bail!(
+            "configuration key `{key}` (--{}, TANDEM_{}): {why}",
+            key.replace('_', "-"),
+            key.to_uppercase()
+        )
     }
     if c.prepare_timeout_ms_default == 0 || c.prepare_timeout_ms_default > c.prepare_timeout_ms_max
     {
@@ -268,7 +275,10 @@ fn validate(c: &ServeConfig) -> anyhow::Result<()> {
         ("saga_in_flight_max", c.saga_in_flight_max as u64),
         ("request_queue_max", c.request_queue_max as u64),
         ("overload_retry_after_ms", c.overload_retry_after_ms),
-        ("saga_stuck_after_failures", u64::from(c.saga_stuck_after_failures)),
+        (
+            "saga_stuck_after_failures",
+            u64::from(c.saga_stuck_after_failures),
+        ),
     ] {
         if value == 0 {
             refuse(key, "must be at least 1")?;
@@ -351,6 +361,7 @@ mod tests {
 
     /// Loads with `args` inside a figment jail: the file and the environment variables live
     /// only for the closure, serialised with every other jail (tests run in parallel).
+    #[allow(clippy::result_large_err)] // figment's `Jail` closures return its error type
     fn load_in_jail(
         file: Option<&str>,
         env: &[(&str, &str)],
@@ -398,12 +409,18 @@ mod tests {
         let cases = [
             ("txn_in_flight_mx = 5\n", "unknown key `txn_in_flight_mx`"),
             ("txn_in_flight_max = \"many\"\n", "`txn_in_flight_max`"),
-            ("txn_in_flight_max = 0\n", "`txn_in_flight_max`: must be at least 1"),
+            (
+                "txn_in_flight_max = 0\n",
+                "`txn_in_flight_max` (--txn-in-flight-max, TANDEM_TXN_IN_FLIGHT_MAX): must be at least 1",
+            ),
             (
                 "prepare_timeout_ms_default = 9\nprepare_timeout_ms_max = 8\n",
-                "`prepare_timeout_ms_default`: 9 must be in 1..=prepare_timeout_ms_max (8)",
+                "9 must be in 1..=prepare_timeout_ms_max (8)",
             ),
-            ("allow_participants = \"10.0.0.1/8\"\n", "`allow_participants`"),
+            (
+                "allow_participants = \"10.0.0.1/8\"\n",
+                "`allow_participants`",
+            ),
             ("listen = [1, 2]\n", "`listen`"),
             ("listen = \n", "tandem.toml"),
         ];
