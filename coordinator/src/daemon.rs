@@ -31,6 +31,7 @@ use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
 use crate::log::sled_log::SledLog;
 use crate::runtime;
+use crate::server::admin::AdminService;
 use crate::server::CoordinatorService;
 use crate::transport::GrpcTransport;
 
@@ -87,6 +88,7 @@ pub async fn run(
     let log = Arc::new(SledLog::open(data_dir).map_err(CoordinatorError::from)?);
     let (handle, runtime_task) =
         runtime::start(log, Arc::new(GrpcTransport::new()), config.clone())?;
+    let admin = AdminService::new(handle.clone());
     let service = CoordinatorService::new(handle, config);
     // Recovery ran in `runtime::start`: the coordinator is ready before the first connection.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -103,6 +105,7 @@ pub async fn run(
             .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(tandem_proto::v1::coordinator_server::SERVICE_NAME)
+            .with_service_name(tandem_proto::v1::admin_server::SERVICE_NAME)
             .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
             .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
             .with_service_name(
@@ -124,6 +127,7 @@ pub async fn run(
                 .into_server()
                 .max_decoding_message_size(crate::config::REQUEST_BYTES_MAX),
         )
+        .add_service(admin.into_server())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

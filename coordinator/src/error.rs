@@ -32,6 +32,10 @@ pub enum CoordinatorError {
     /// this caller (retry with the same id to learn it).
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    /// An operator's retry or abort that cannot apply to the transaction as it stands (its
+    /// outcome is decided, or it is finished); `why` says what stands. Nothing was changed.
+    #[error("{id} {why}")]
+    OperatorRefused { id: String, why: String },
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -45,6 +49,7 @@ impl CoordinatorError {
             | CoordinatorError::AlreadyExists { .. }
             | CoordinatorError::NotFound { .. }
             | CoordinatorError::ParticipantNotAllowed { .. }
+            | CoordinatorError::OperatorRefused { .. }
             | CoordinatorError::Log(_) => false,
         }
     }
@@ -59,6 +64,7 @@ impl CoordinatorError {
             | CoordinatorError::AlreadyExists { .. }
             | CoordinatorError::NotFound { .. }
             | CoordinatorError::ParticipantNotAllowed { .. }
+            | CoordinatorError::OperatorRefused { .. }
             | CoordinatorError::Overloaded { .. } => true,
         }
     }
@@ -74,6 +80,7 @@ impl CoordinatorError {
                 tonic::Status::permission_denied(message)
             }
             CoordinatorError::Overloaded { .. } => tonic::Status::resource_exhausted(message),
+            CoordinatorError::OperatorRefused { .. } => tonic::Status::failed_precondition(message),
             CoordinatorError::ShuttingDown => tonic::Status::unavailable(message),
             CoordinatorError::Log(_) => tonic::Status::internal(message),
         }
