@@ -4,17 +4,19 @@
 //! - `tandem demo`: a coordinator and two bank participants in one process, a few hundred
 //!   transfers, a summary;
 //! - `tandem bench 2pc`: coordinator and banks as separate processes, a closed-loop load,
-//!   throughput and latency beside the bare gRPC ping rate of the same run.
+//!   throughput and latency beside the bare gRPC ping rate of the same run;
+//! - `tandem txn list|show|retry|abort`: the operator's view and levers (`txn.rs`).
 
 mod bench;
 mod demo;
+mod txn;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use tandem_coordinator::config::{format_host_patterns, parse_host_patterns};
+use tandem_coordinator::config::{format_host_patterns, parse_host_patterns, RETRY_DELAY_MS_MAX};
 use tandem_coordinator::{daemon, CoordinatorConfig};
 
 #[derive(Parser)]
@@ -37,6 +39,8 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Operate on transactions and sagas: list, show, retry, abort (the Admin service).
+    Txn(txn::TxnArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -83,6 +87,13 @@ pub struct ServeArgs {
         verbatim_doc_comment
     )]
     allow_participants: String,
+    /// First delay before a failed saga compensation is sent again, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    saga_compensation_backoff_initial_ms: u64,
+    /// Longest delay between attempts of a failing saga compensation, in milliseconds
+    /// (`tandem txn retry` sends a waiting one at once).
+    #[arg(long, default_value_t = 10_000)]
+    saga_compensation_backoff_max_ms: u64,
 }
 
 pub async fn shutdown_signal() {
@@ -109,6 +120,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.txn_in_flight_max == 0 {
         bail!("--txn-in-flight-max must be at least 1");
     }
+    if args.saga_compensation_backoff_initial_ms == 0
+        || args.saga_compensation_backoff_initial_ms > args.saga_compensation_backoff_max_ms
+    {
+        bail!(
+            "--saga-compensation-backoff-initial-ms must be in 1..=--saga-compensation-backoff-max-ms ({})",
+            args.saga_compensation_backoff_max_ms
+        );
+    }
+    if args.saga_compensation_backoff_max_ms > RETRY_DELAY_MS_MAX {
+        bail!("--saga-compensation-backoff-max-ms must be at most {RETRY_DELAY_MS_MAX}");
+    }
     let participant_hosts_allowed =
         parse_host_patterns(&args.allow_participants).context("--allow-participants")?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -130,6 +152,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.prepare_timeout_ms_max = args.prepare_timeout_ms_max;
     config.txn_in_flight_max = args.txn_in_flight_max;
     config.saga_in_flight_max = args.saga_in_flight_max;
+    config.saga_compensation_backoff.initial_ms = args.saga_compensation_backoff_initial_ms;
+    config.saga_compensation_backoff.max_ms = args.saga_compensation_backoff_max_ms;
     tracing::info!(
         allowed = %format_host_patterns(&participant_hosts_allowed),
         "participant hosts allowed"
@@ -160,6 +184,8 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(command) => bench::run(command).await,
+        // Its own exit codes: 1 refused, 2 malformed (docs/operations.md).
+        Command::Txn(args) => return txn::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
