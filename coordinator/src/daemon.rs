@@ -4,12 +4,12 @@
 //! port 0) and a shutdown future; it returns once the server stopped and the runtime task
 //! drained. What is not finished at shutdown is recovered at the next start.
 //!
-//! Beside `tandem.v1.Coordinator`, the server carries two standard services, so that ordinary
-//! gRPC tools work against the daemon:
+//! Beside `tandem.v1.Coordinator` and the operators' `tandem.v1.Admin`, the server carries two
+//! standard services, so that ordinary gRPC tools work against the daemon:
 //! - gRPC health checking (`grpc.health.v1.Health`, from `tonic-health`): `""` (the whole
-//!   server) and `tandem.v1.Coordinator` answer SERVING from the first accepted connection on,
-//!   since recovery has run before the listener is served. Once shutdown begins both answer
-//!   NOT_SERVING; [`HEALTH_WATCH_END_MS`] later the statuses are withdrawn, which ends every
+//!   server), `tandem.v1.Coordinator` and `tandem.v1.Admin` answer SERVING from the first
+//!   accepted connection on, since recovery has run before the listener is served. Once
+//!   shutdown begins all answer NOT_SERVING; [`HEALTH_WATCH_END_MS`] later the statuses are withdrawn, which ends every
 //!   `Watch` stream (after it delivered NOT_SERVING), so that no watcher holds the graceful
 //!   shutdown open. A `Check` after that answers NOT_FOUND.
 //! - gRPC server reflection (`grpc.reflection.v1` and the older `v1alpha`, from
@@ -53,9 +53,14 @@ pub enum DaemonError {
 /// in ms. Until then a `Check` on a connection still open answers NOT_SERVING.
 pub const HEALTH_WATCH_END_MS: u64 = 1_000;
 
-/// The names the health service answers for: the whole server, and the coordinator service.
-fn health_service_names() -> [&'static str; 2] {
-    ["", tandem_proto::v1::coordinator_server::SERVICE_NAME]
+/// The names the health service answers for: the whole server, the coordinator service and
+/// the admin service.
+fn health_service_names() -> [&'static str; 3] {
+    [
+        "",
+        tandem_proto::v1::coordinator_server::SERVICE_NAME,
+        tandem_proto::v1::admin_server::SERVICE_NAME,
+    ]
 }
 
 /// Marks every health name NOT_SERVING now, and withdraws them [`HEALTH_WATCH_END_MS`] later.

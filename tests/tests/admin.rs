@@ -20,35 +20,12 @@ const BANK_A: &str = "alice=100,bob=50";
 const BANK_B: &str = "carol=10,dave=0";
 const WAIT: Duration = Duration::from_secs(60);
 
-struct Cluster {
-    _dir: tempfile::TempDir,
-    coordinator: Node,
-    a: Node,
-    b: Node,
+/// The saga transfers of these tests.
+trait AlicePays {
+    fn alice_pays(&self, to: &str, amount: i64, attempts: u32) -> Saga;
 }
 
-impl Cluster {
-    async fn start(coordinator_args: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let coordinator =
-            Node::coordinator_with_args(&dir.path().join("coordinator"), coordinator_args, None)
-                .await;
-        let a = Node::bank("bank-a", &dir.path().join("bank-a"), BANK_A, None).await;
-        let b = Node::bank("bank-b", &dir.path().join("bank-b"), BANK_B, None).await;
-        Cluster {
-            _dir: dir,
-            coordinator,
-            a,
-            b,
-        }
-    }
-
-    async fn stop_banks(&mut self) -> (BTreeMap<String, i64>, BTreeMap<String, i64>) {
-        self.a.stop().await;
-        self.b.stop().await;
-        (self.a.balances(), self.b.balances())
-    }
-
+impl AlicePays for Cluster {
     /// A saga moving `amount` from alice (bank A) to `to` at bank B; each action is tried at
     /// most `attempts` times, 50 to 200 ms apart.
     fn alice_pays(&self, to: &str, amount: i64, attempts: u32) -> Saga {
@@ -166,7 +143,7 @@ fn change_kinds(show: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_filters_by_kind_state_and_age_and_show_keeps_the_history_across_a_restart() {
-    let mut cluster = Cluster::start(&[]).await;
+    let mut cluster = Cluster::start(&[], BANK_A, BANK_B).await;
     let addr = cluster.coordinator.addr();
     let mut client = client(&addr).await;
     let committed = TandemClient::new_txn_id();
@@ -375,7 +352,7 @@ async fn list_filters_by_kind_state_and_age_and_show_keeps_the_history_across_a_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_of_a_running_saga_compensates_it_and_ends_aborted_by_the_operator() {
-    let mut cluster = Cluster::start(&[]).await;
+    let mut cluster = Cluster::start(&[], BANK_A, BANK_B).await;
     let addr = cluster.coordinator.addr();
     let client = client(&addr).await;
     cluster.b.kill().await;
@@ -444,7 +421,7 @@ async fn silent_participant() -> (tokio::net::TcpListener, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_of_an_undecided_transaction_aborts_it_and_moves_no_money() {
-    let mut cluster = Cluster::start(&[]).await;
+    let mut cluster = Cluster::start(&[], BANK_A, BANK_B).await;
     let addr = cluster.coordinator.addr();
     let (_silent, silent_addr) = silent_participant().await;
     let txn = TandemClient::new_txn_id();
@@ -526,7 +503,7 @@ async fn abort_of_an_undecided_transaction_aborts_it_and_moves_no_money() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_of_a_committed_transaction_is_refused_and_changes_nothing() {
-    let mut cluster = Cluster::start(&[]).await;
+    let mut cluster = Cluster::start(&[], BANK_A, BANK_B).await;
     let addr = cluster.coordinator.addr();
     let mut client = client(&addr).await;
     let txn = TandemClient::new_txn_id();
@@ -613,12 +590,16 @@ async fn abort_of_a_committed_transaction_is_refused_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_of_a_stuck_compensation_finishes_the_saga_without_waiting_for_the_backoff() {
     // Compensations wait a minute between attempts: a retry that waited would be seen.
-    let mut cluster = Cluster::start(&[
-        "--saga-compensation-backoff-initial-ms",
-        "60000",
-        "--saga-compensation-backoff-max-ms",
-        "60000",
-    ])
+    let mut cluster = Cluster::start(
+        &[
+            "--saga-compensation-backoff-initial-ms",
+            "60000",
+            "--saga-compensation-backoff-max-ms",
+            "60000",
+        ],
+        BANK_A,
+        BANK_B,
+    )
     .await;
     let addr = cluster.coordinator.addr();
     let client = client(&addr).await;

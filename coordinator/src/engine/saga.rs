@@ -63,6 +63,8 @@
 //! flag. The callback is retried without limit with [`SagaEngineConfig::callback_backoff`].
 //! Every send carries an attempt number, and an answer or a timer counts only for the current
 //! attempt: duplicates and stragglers are ignored, so the network cannot change an outcome.
+//! An operator can fire every armed retry timer at once ([`SagaEvent::OperatorRetry`]): the same
+//! checks apply, and the timer of the attempt sent early is stale.
 //!
 //! # Compensation order
 //!

@@ -684,7 +684,6 @@ impl Runtime {
     /// Records what a participant's answer tells of a 2PC transaction in flight, before the
     /// engine sees it: a NO vote and failed calls (successes are visible in the state).
     pub(super) fn history_of_event(&self, event: &Event) {
-        let now = unix_now_ms();
         let (txn, kind, branch, detail) = match event {
             Event::Voted {
                 txn,
@@ -702,6 +701,7 @@ impl Runtime {
         let Some(status) = self.engine.status(txn) else {
             return; // finished: a straggler
         };
+        let now = unix_now_ms();
         let BranchIdx(i) = branch;
         let attempt = status.branches.get(i as usize).map_or(0, |b| b.attempts);
         self.log_history(
