@@ -323,7 +323,11 @@ impl Runtime {
             "the edge bounds the limit"
         );
         let mut items = Vec::new();
-        for (txn, record) in self.log.scan()? {
+        let two_phase = match filter.kind {
+            Some(TxnKind::Saga) => Vec::new(),
+            Some(TxnKind::TwoPhase) | None => self.log.scan()?,
+        };
+        for (txn, record) in two_phase {
             let summary = match self.engine.status(&txn) {
                 Some(status) => txn_summary(&txn, &status, true),
                 None => txn_summary(&txn, &status_of_record(record), false),
@@ -332,10 +336,11 @@ impl Runtime {
                 items.push(summary);
             }
         }
-        for (saga, stored) in self.log.scan_sagas()? {
-            if filter.kind == Some(TxnKind::TwoPhase) {
-                break;
-            }
+        let sagas = match filter.kind {
+            Some(TxnKind::TwoPhase) => Vec::new(),
+            Some(TxnKind::Saga) | None => self.log.scan_sagas()?,
+        };
+        for (saga, stored) in sagas {
             let in_flight = self.sagas.engine.fingerprint(&saga).is_some();
             let view = if in_flight {
                 self.saga_view(&saga)?
