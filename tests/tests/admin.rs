@@ -104,6 +104,17 @@ async fn admin(addr: &str) -> pb::admin_client::AdminClient<tonic::transport::Ch
         .expect("connecting to the admin service")
 }
 
+/// Asserts that a call was refused with `code` and a message containing `names`.
+fn refused_with<T: std::fmt::Debug>(
+    answer: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    names: &str,
+) {
+    let status = answer.expect_err("the call should have been refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(names), "{status:?}");
+}
+
 async fn wait_terminal(client: &TandemClient, saga: &TxnId) -> SagaState {
     let state = client
         .wait(saga, WAIT)
@@ -238,14 +249,15 @@ async fn list_filters_by_kind_state_and_age_and_show_keeps_the_history_across_a_
         }
     }
     assert_eq!(paged, all);
-    let error = admin
-        .list_transactions(pb::ListTransactionsRequest {
-            limit: 1_001,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    let too_many = pb::ListTransactionsRequest {
+        limit: 1_001,
+        ..Default::default()
+    };
+    refused_with(
+        admin.list_transactions(too_many).await,
+        Code::InvalidArgument,
+        "limit 1001",
+    );
 
     // The human table names each transaction with its kind and state.
     let run = txn_cli(&addr, &["list"]).await;
@@ -514,45 +526,36 @@ async fn abort_of_a_committed_transaction_is_refused_and_changes_nothing() {
     );
     wait_finished(&mut client, &txn).await;
     let mut admin = admin(&addr).await;
-    let error = admin
-        .abort_transaction(pb::AbortTransactionRequest {
-            id: txn.to_string(),
-            reason: "too late".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
-    assert!(
-        error.message().contains("already finished: commit"),
-        "{error:?}"
+    let id = txn.to_string();
+    let abort = |reason: String| pb::AbortTransactionRequest {
+        id: id.clone(),
+        reason,
+    };
+    refused_with(
+        admin.abort_transaction(abort("too late".into())).await,
+        Code::FailedPrecondition,
+        "already finished: commit",
     );
-    let error = admin
-        .retry_transaction(pb::RetryTransactionRequest {
-            id: txn.to_string(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(error.code(), Code::FailedPrecondition, "{error:?}");
-    assert!(
-        error.message().contains("finished (committed)"),
-        "{error:?}"
+    let retry = pb::RetryTransactionRequest { id: id.clone() };
+    refused_with(
+        admin.retry_transaction(retry).await,
+        Code::FailedPrecondition,
+        "finished (committed)",
     );
-    let error = admin
-        .abort_transaction(pb::AbortTransactionRequest {
-            id: txn.to_string(),
-            reason: "x".repeat(257),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    refused_with(
+        admin.abort_transaction(abort("x".repeat(257))).await,
+        Code::InvalidArgument,
+        "reason is 257 bytes",
+    );
     let unknown = TandemClient::new_txn_id();
-    let error = admin
-        .show_transaction(pb::ShowTransactionRequest {
-            id: unknown.to_string(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    let show = pb::ShowTransactionRequest {
+        id: unknown.to_string(),
+    };
+    refused_with(
+        admin.show_transaction(show).await,
+        Code::NotFound,
+        "no transaction",
+    );
 
     // The command line: refusals exit 1, malformed input exits 2, each naming the problem.
     let run = txn_cli(&addr, &["abort", txn.as_str()]).await;
