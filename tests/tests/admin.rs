@@ -65,6 +65,7 @@ async fn txn_cli(addr: &str, args: &[&str]) -> Run {
         .arg("txn")
         .args(args)
         .args(["--coordinator", addr])
+        .env_remove("TANDEM_ADMIN_TOKEN")
         .output()
         .await
         .expect("running tandem txn");
@@ -655,4 +656,111 @@ async fn retry_of_a_stuck_compensation_finishes_the_saga_without_waiting_for_the
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("is finished (compensated)"), "{run:?}");
     assert_eq!(cluster.stop_banks().await, original());
+}
+
+/// An Admin service that answers only calls bearing `Bearer s3cret`, as the daemon does when it
+/// is configured with that admin token.
+struct TokenChecking;
+
+const TOKEN: &str = "s3cret";
+
+fn check_token<T>(request: &tonic::Request<T>) -> Result<(), tonic::Status> {
+    match request.metadata().get("authorization") {
+        Some(value) if value == format!("Bearer {TOKEN}").as_str() => Ok(()),
+        Some(other) => Err(tonic::Status::unauthenticated(format!(
+            "wrong admin token {other:?}"
+        ))),
+        None => Err(tonic::Status::unauthenticated("no admin token")),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for TokenChecking {
+    async fn list_transactions(
+        &self,
+        request: tonic::Request<pb::ListTransactionsRequest>,
+    ) -> Result<tonic::Response<pb::ListTransactionsResponse>, tonic::Status> {
+        check_token(&request)?;
+        Ok(tonic::Response::new(pb::ListTransactionsResponse::default()))
+    }
+
+    async fn show_transaction(
+        &self,
+        request: tonic::Request<pb::ShowTransactionRequest>,
+    ) -> Result<tonic::Response<pb::ShowTransactionResponse>, tonic::Status> {
+        check_token(&request)?;
+        Err(tonic::Status::not_found("no such transaction here"))
+    }
+
+    async fn retry_transaction(
+        &self,
+        request: tonic::Request<pb::RetryTransactionRequest>,
+    ) -> Result<tonic::Response<pb::RetryTransactionResponse>, tonic::Status> {
+        check_token(&request)?;
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    async fn abort_transaction(
+        &self,
+        request: tonic::Request<pb::AbortTransactionRequest>,
+    ) -> Result<tonic::Response<pb::AbortTransactionResponse>, tonic::Status> {
+        check_token(&request)?;
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_sends_the_admin_token_from_a_file_or_the_environment() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::admin_server::AdminServer::new(TokenChecking))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let token_path = token_file.to_str().unwrap();
+
+    let run = txn_cli(&addr, &["list", "--admin-token-file", token_path]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout.trim(), "no transactions match", "{run:?}");
+
+    let output = tokio::process::Command::new(&binaries().tandem)
+        .args(["txn", "list", "--json", "--coordinator", &addr])
+        .env("TANDEM_ADMIN_TOKEN", TOKEN)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "[]");
+
+    let run = txn_cli(&addr, &["list"]).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("no admin token") && run.stderr.contains("--admin-token-file"),
+        "{run:?}"
+    );
+    std::fs::write(&token_file, "guess\n").unwrap();
+    let run = txn_cli(
+        &addr,
+        &["show", "1763850000000-x", "--admin-token-file", token_path],
+    )
+    .await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("wrong admin token"), "{run:?}");
+    std::fs::write(&token_file, "").unwrap();
+    let run = txn_cli(&addr, &["list", "--admin-token-file", token_path]).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("the file is empty"), "{run:?}");
+    let missing = dir.path().join("missing");
+    let run = txn_cli(
+        &addr,
+        &["list", "--admin-token-file", missing.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("--admin-token-file"), "{run:?}");
+    server.abort();
 }
