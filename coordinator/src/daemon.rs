@@ -4,12 +4,12 @@
 //! port 0) and a shutdown future; it returns once the server stopped and the runtime task
 //! drained. What is not finished at shutdown is recovered at the next start.
 //!
-//! Beside `tandem.v1.Coordinator`, the server carries two standard services, so that ordinary
-//! gRPC tools work against the daemon:
+//! Beside `tandem.v1.Coordinator` and the operators' `tandem.v1.Admin`, the server carries two
+//! standard services, so that ordinary gRPC tools work against the daemon:
 //! - gRPC health checking (`grpc.health.v1.Health`, from `tonic-health`): `""` (the whole
-//!   server) and `tandem.v1.Coordinator` answer SERVING from the first accepted connection on,
-//!   since recovery has run before the listener is served. Once shutdown begins both answer
-//!   NOT_SERVING; [`HEALTH_WATCH_END_MS`] later the statuses are withdrawn, which ends every
+//!   server), `tandem.v1.Coordinator` and `tandem.v1.Admin` answer SERVING from the first
+//!   accepted connection on, since recovery has run before the listener is served. Once
+//!   shutdown begins all answer NOT_SERVING; [`HEALTH_WATCH_END_MS`] later the statuses are withdrawn, which ends every
 //!   `Watch` stream (after it delivered NOT_SERVING), so that no watcher holds the graceful
 //!   shutdown open. A `Check` after that answers NOT_FOUND.
 //! - gRPC server reflection (`grpc.reflection.v1` and the older `v1alpha`, from
@@ -32,6 +32,7 @@ use crate::error::CoordinatorError;
 use crate::log::sled_log::SledLog;
 use crate::log::TxnLog;
 use crate::runtime;
+use crate::server::admin::AdminService;
 use crate::server::CoordinatorService;
 use crate::transport::GrpcTransport;
 
@@ -53,9 +54,14 @@ pub enum DaemonError {
 /// in ms. Until then a `Check` on a connection still open answers NOT_SERVING.
 pub const HEALTH_WATCH_END_MS: u64 = 1_000;
 
-/// The names the health service answers for: the whole server, and the coordinator service.
-fn health_service_names() -> [&'static str; 2] {
-    ["", tandem_proto::v1::coordinator_server::SERVICE_NAME]
+/// The names the health service answers for: the whole server, the coordinator service and
+/// the admin service.
+fn health_service_names() -> [&'static str; 3] {
+    [
+        "",
+        tandem_proto::v1::coordinator_server::SERVICE_NAME,
+        tandem_proto::v1::admin_server::SERVICE_NAME,
+    ]
 }
 
 /// Marks every health name NOT_SERVING now, and withdraws them [`HEALTH_WATCH_END_MS`] later.
@@ -89,6 +95,7 @@ pub async fn run(
     let (handle, runtime_task) =
         runtime::start(log.clone(), Arc::new(GrpcTransport::new()), config.clone())?;
     let grace = config.shutdown_grace;
+    let admin = AdminService::new(handle.clone());
     let service = CoordinatorService::new(handle, config);
     // Recovery ran in `runtime::start`: the coordinator is ready before the first connection.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -105,6 +112,7 @@ pub async fn run(
             .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(tandem_proto::v1::coordinator_server::SERVICE_NAME)
+            .with_service_name(tandem_proto::v1::admin_server::SERVICE_NAME)
             .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
             .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
             .with_service_name(
@@ -130,6 +138,7 @@ pub async fn run(
                 .into_server()
                 .max_decoding_message_size(crate::config::REQUEST_BYTES_MAX),
         )
+        .add_service(admin.into_server())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -35,6 +35,10 @@ pub enum CoordinatorError {
     /// this caller (retry with the same id to learn it).
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    /// An operator's retry or abort that cannot apply to the transaction as it stands (its
+    /// outcome is decided, or it is finished); `why` says what stands. Nothing was changed.
+    #[error("{id} {why}")]
+    OperatorRefused { id: String, why: String },
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -48,6 +52,7 @@ impl CoordinatorError {
             | CoordinatorError::AlreadyExists { .. }
             | CoordinatorError::NotFound { .. }
             | CoordinatorError::ParticipantNotAllowed { .. }
+            | CoordinatorError::OperatorRefused { .. }
             | CoordinatorError::Log(_) => false,
         }
     }
@@ -62,6 +67,7 @@ impl CoordinatorError {
             | CoordinatorError::AlreadyExists { .. }
             | CoordinatorError::NotFound { .. }
             | CoordinatorError::ParticipantNotAllowed { .. }
+            | CoordinatorError::OperatorRefused { .. }
             | CoordinatorError::Overloaded { .. } => true,
         }
     }
@@ -86,6 +92,7 @@ impl CoordinatorError {
                     ))),
                 )
             }
+            CoordinatorError::OperatorRefused { .. } => tonic::Status::failed_precondition(message),
             CoordinatorError::ShuttingDown => tonic::Status::unavailable(message),
             CoordinatorError::Log(_) => tonic::Status::internal(message),
         }

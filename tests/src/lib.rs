@@ -6,6 +6,7 @@
 //! - [`Node`] is one server process: started on port 0 (the OS picks the port), restarted on
 //!   the same port (peers stored its address in their logs), optionally armed with a
 //!   `TANDEM_CRASH_AT` crash point;
+//! - [`Cluster`]: a coordinator and two banks, each in its own folder of one temp folder;
 //! - helpers to run transfers, wait for a transaction to finish, and read balances from a
 //!   stopped bank's folder.
 //!
@@ -334,4 +335,39 @@ pub async fn execute_until_answered(addr: &str, txn: &TxnId, branches: Vec<Branc
 /// The total of a set of balances.
 pub fn total(balances: &[&BTreeMap<String, i64>]) -> i64 {
     balances.iter().flat_map(|b| b.values()).sum()
+}
+
+/// A coordinator (with extra `tandem serve` arguments) and two banks, `a` and `b`, each in its
+/// own folder of one temp folder that lives as long as the cluster.
+pub struct Cluster {
+    _dir: tempfile::TempDir,
+    pub coordinator: Node,
+    pub a: Node,
+    pub b: Node,
+}
+
+impl Cluster {
+    /// Starts the coordinator with `coordinator_args`, then bank `a` with `accounts_a` and
+    /// bank `b` with `accounts_b` (e.g. "alice=100,bob=50").
+    pub async fn start(coordinator_args: &[&str], accounts_a: &str, accounts_b: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("a temp folder");
+        let coordinator =
+            Node::coordinator_with_args(&dir.path().join("coordinator"), coordinator_args, None)
+                .await;
+        let a = Node::bank("bank-a", &dir.path().join("bank-a"), accounts_a, None).await;
+        let b = Node::bank("bank-b", &dir.path().join("bank-b"), accounts_b, None).await;
+        Cluster {
+            _dir: dir,
+            coordinator,
+            a,
+            b,
+        }
+    }
+
+    /// Stops both banks and returns their committed balances (a's, then b's).
+    pub async fn stop_banks(&mut self) -> (BTreeMap<String, i64>, BTreeMap<String, i64>) {
+        self.a.stop().await;
+        self.b.stop().await;
+        (self.a.balances(), self.b.balances())
+    }
 }

@@ -357,6 +357,7 @@ async fn reflection_lists_the_coordinator_service_and_describes_its_calls() {
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
+            "tandem.v1.Admin",
             "tandem.v1.Coordinator",
         ],
         "the participant service is in the contract but not served here"

@@ -66,6 +66,13 @@ pub enum Event {
     TimerFired { txn: TxnId, timer: Timer },
     /// Recovery found this record in the log at start-up.
     Recovered { txn: TxnId, record: TxnRecord },
+    /// An operator aborts the transaction. Decides abort (forced, then delivered, like any
+    /// abort) while it is still preparing; does nothing (no effects) once it is decided. The
+    /// runtime checks the phase first and tells the operator which outcome stands.
+    OperatorAbort { txn: TxnId, reason: String },
+    /// An operator asks for every decision delivery waiting for its redelivery timer to be sent
+    /// now. Does nothing in any other phase, or to deliveries in flight.
+    OperatorRetry { txn: TxnId },
 }
 
 impl Event {
@@ -78,7 +85,9 @@ impl Event {
             | Event::Acknowledged { txn, .. }
             | Event::DeliveryFailed { txn, .. }
             | Event::TimerFired { txn, .. }
-            | Event::Recovered { txn, .. } => txn,
+            | Event::Recovered { txn, .. }
+            | Event::OperatorAbort { txn, .. }
+            | Event::OperatorRetry { txn } => txn,
         }
     }
 }
@@ -232,6 +241,11 @@ impl Engine {
     /// A status snapshot of an in-flight transaction.
     pub fn status(&self, txn: &TxnId) -> Option<TxnStatus> {
         self.txns.get(txn).map(|m| m.status())
+    }
+
+    /// When each branch's redelivery is due (`None`: no timer armed), if it is in flight.
+    pub fn redeliveries_due(&self, txn: &TxnId) -> Option<Vec<Option<u64>>> {
+        self.txns.get(txn).map(|m| m.redeliveries_due())
     }
 
     /// How many transactions are in flight.

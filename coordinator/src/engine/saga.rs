@@ -63,6 +63,8 @@
 //! flag. The callback is retried without limit with [`SagaEngineConfig::callback_backoff`].
 //! Every send carries an attempt number, and an answer or a timer counts only for the current
 //! attempt: duplicates and stragglers are ignored, so the network cannot change an outcome.
+//! An operator can fire every armed retry timer at once ([`SagaEvent::OperatorRetry`]): the same
+//! checks apply, and the timer of the attempt sent early is stale.
 //!
 //! # Compensation order
 //!
@@ -513,6 +515,11 @@ pub enum SagaEvent {
     /// An operator sends a running saga into compensation; its outcome will be `Aborted`.
     /// Does nothing (no effects) to a saga that is not `Running`.
     OperatorAbort { saga: TxnId, reason: String },
+    /// An operator asks for everything of this saga that waits for a retry timer (an action,
+    /// the compensation in progress, the callback) to be sent now, as if its timer had fired:
+    /// the same checks apply (an action past its retry deadline fails instead), and the armed
+    /// timer becomes stale. Does nothing to calls in flight.
+    OperatorRetry { saga: TxnId },
     /// Recovery found this saga's spec (and progress, if any) in the log at start-up.
     Recovered {
         saga: TxnId,
@@ -534,6 +541,7 @@ impl SagaEvent {
             | SagaEvent::CallbackAnswered { saga, .. }
             | SagaEvent::TimerFired { saga, .. }
             | SagaEvent::OperatorAbort { saga, .. }
+            | SagaEvent::OperatorRetry { saga }
             | SagaEvent::Recovered { saga, .. } => saga,
         }
     }
@@ -801,6 +809,12 @@ impl SagaEngine {
         self.sagas.get(saga).map(|m| &m.spec)
     }
 
+    /// The retry timers armed for a saga in flight, with when each is due (what an
+    /// [`SagaEvent::OperatorRetry`] would send now).
+    pub fn retries_due(&self, saga: &TxnId) -> Option<Vec<(SagaTimer, u64)>> {
+        self.sagas.get(saga).map(|m| m.retries_due())
+    }
+
     /// How many sagas are in flight (accepting included).
     pub fn in_flight(&self) -> usize {
         self.sagas.len()
@@ -976,6 +990,13 @@ impl Saga {
                     self.decide(SagaOutcome::Aborted { reason }, cx);
                 } // Accepting, compensating or terminal: nothing to do; the runtime says so
             }
+            SagaEvent::OperatorRetry { .. } => {
+                // Collected first: firing one may decide the saga, which makes the others
+                // stale (their own checks then ignore them).
+                for (timer, _) in self.retries_due() {
+                    self.on_timer(timer, cx);
+                }
+            }
             SagaEvent::Submit { .. } | SagaEvent::Recovered { .. } => {
                 panic!(
                     "{}: Submit/Recovered must go to the engine, not to a saga",
@@ -983,6 +1004,33 @@ impl Saga {
                 )
             }
         }
+    }
+
+    /// Every timer armed, with when it is due, in step order then the callback.
+    fn retries_due(&self) -> Vec<(SagaTimer, u64)> {
+        let mut due = Vec::new();
+        for (i, at) in self.retry_at_ms.iter().enumerate() {
+            let Some(at_ms) = *at else { continue };
+            let step = i as StepIdx;
+            let s = &self.progress.steps[i];
+            let timer = match s.phase {
+                StepPhase::Running => SagaTimer::RetryAction {
+                    step,
+                    attempt: s.action_attempts + 1,
+                },
+                StepPhase::Compensating => SagaTimer::RetryCompensation {
+                    step,
+                    attempt: s.compensation_attempts + 1,
+                },
+                other => panic!("{}: a retry armed for step #{i} in {other:?}", self.id),
+            };
+            due.push((timer, at_ms));
+        }
+        if let Some(at_ms) = self.callback_retry_at_ms {
+            let attempt = self.progress.callback_attempts + 1;
+            due.push((SagaTimer::RetryCallback { attempt }, at_ms));
+        }
+        due
     }
 
     // ---- Running ----------------------------------------------------------------------

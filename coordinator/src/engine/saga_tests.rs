@@ -1561,6 +1561,107 @@ fn operator_abort_of_a_saga_that_is_not_running_does_nothing() {
     );
 }
 
+#[test]
+fn operator_retry_sends_a_waiting_action_now_and_its_timer_goes_stale() {
+    let mut s = Scenario::new(with_retry(sequence(2), 0, 0));
+    s.start();
+    assert_eq!(
+        s.feed(SagaEvent::OperatorRetry { saga: s.id.clone() }),
+        nothing(),
+        "the first attempt is in flight"
+    );
+    let effects = s.raw(SagaEvent::ActionAnswered {
+        saga: s.id.clone(),
+        step: 0,
+        attempt: 1,
+        answer: ActionAnswer::Unavailable {
+            error: ERROR.to_string(),
+        },
+    });
+    let at_ms = assert_one_timer(&effects, s.now_ms, &ACTION_BACKOFF, 0);
+    assert_eq!(
+        s.engine.retries_due(&s.id),
+        Some(vec![(
+            SagaTimer::RetryAction {
+                step: 0,
+                attempt: 2
+            },
+            at_ms
+        )])
+    );
+    assert_eq!(
+        s.feed(SagaEvent::OperatorRetry { saga: s.id.clone() }),
+        ["action a #2", "notify StepStarted a #2", "persist progress"]
+    );
+    assert_eq!(s.engine.retries_due(&s.id), Some(vec![]));
+    s.now_ms = at_ms;
+    assert_eq!(
+        s.fire(SagaTimer::RetryAction {
+            step: 0,
+            attempt: 2
+        }),
+        nothing(),
+        "the timer of the attempt sent early is stale"
+    );
+    assert_eq!(
+        s.succeed(0, 2),
+        [
+            "notify StepSucceeded a #2",
+            "action b #1",
+            "notify StepStarted b #1",
+            "persist progress"
+        ]
+    );
+}
+
+#[test]
+fn operator_retry_sends_a_failing_compensation_now_and_the_saga_finishes() {
+    let mut s = Scenario::new(sequence(1));
+    s.start();
+    s.fail(0, 1);
+    assert_eq!(
+        s.feed(SagaEvent::OperatorRetry { saga: s.id.clone() }),
+        nothing(),
+        "the outcome is being forced"
+    );
+    s.durable();
+    let effects = s.raw(SagaEvent::CompensationAnswered {
+        saga: s.id.clone(),
+        step: 0,
+        attempt: 1,
+        answer: Err(COMPENSATION_ERROR.to_string()),
+    });
+    let at_ms = assert_one_timer(&effects, s.now_ms, &s.config.compensation_backoff, 0);
+    assert_eq!(
+        s.feed(SagaEvent::OperatorRetry { saga: s.id.clone() }),
+        [
+            "compensate a #2",
+            "notify CompensationStarted a #2",
+            "persist progress"
+        ]
+    );
+    let outcome = compensated(0, REASON);
+    assert_eq!(
+        s.compensation(0, 2, true),
+        [
+            "notify StepCompensated a #2".to_string(),
+            format!("notify Finished: {outcome}"),
+            format!("terminal: {outcome}"),
+            "persist progress".to_string(),
+            "finished".to_string(),
+        ]
+    );
+    s.now_ms = at_ms;
+    assert_eq!(
+        s.fire(SagaTimer::RetryCompensation {
+            step: 0,
+            attempt: 2
+        }),
+        nothing(),
+        "finished: the old timer is stale"
+    );
+}
+
 // ----------------------------------------------------------------------------------------
 // Callback
 // ----------------------------------------------------------------------------------------

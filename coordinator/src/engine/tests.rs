@@ -1188,6 +1188,124 @@ fn recovered_finished_record_is_left_alone() {
 }
 
 // ----------------------------------------------------------------------------------------
+// Operators
+// ----------------------------------------------------------------------------------------
+
+fn operator_abort(id: &TxnId) -> Event {
+    Event::OperatorAbort {
+        txn: id.clone(),
+        reason: "participant p1 hangs in prepare".to_string(),
+    }
+}
+
+fn operator_retry(id: &TxnId) -> Event {
+    Event::OperatorRetry { txn: id.clone() }
+}
+
+const OPERATOR_ABORT_REASON: &str = "aborted by an operator: participant p1 hangs in prepare";
+
+#[test]
+fn operator_abort_while_preparing_decides_abort_forced_then_delivers_it_to_every_branch() {
+    let id = txn_id(1);
+    let mut engine = new_engine();
+    start(&mut engine, &id, 2);
+    step(&mut engine, T0_MS + 1, yes(&id, 0));
+    let decision = abort(OPERATOR_ABORT_REASON);
+    // Only the forced write: nobody hears of the abort before it is durable.
+    assert_eq!(
+        step(&mut engine, T0_MS + 2, operator_abort(&id)),
+        vec![persist_decision(&id, 2, &decision, T0_MS + 2)]
+    );
+    assert_eq!(phase(&engine, &id), Some(TxnPhase::Deciding));
+    assert_eq!(engine.status(&id).unwrap().decision, None);
+    // A vote arriving now changes nothing; the branch still preparing gets the abort too.
+    assert_eq!(step(&mut engine, T0_MS + 3, yes(&id, 1)), nothing());
+    assert_eq!(
+        step(&mut engine, T0_MS + 4, durable(&id)),
+        announced(&id, &all(2), &decision)
+    );
+    ack_all(&mut engine, &id, 2, &[1, 0], &decision, T0_MS + 5);
+}
+
+#[test]
+fn operator_abort_after_the_decision_changes_nothing() {
+    let id = txn_id(1);
+    let mut engine = new_engine();
+    decide_commit(&mut engine, &id, 2);
+    assert_eq!(
+        step(&mut engine, T0_MS + 2, operator_abort(&id)),
+        nothing(),
+        "while the commit is being forced"
+    );
+    assert_eq!(
+        step(&mut engine, T0_MS + 3, durable(&id)),
+        announced(&id, &all(2), &Decision::Commit)
+    );
+    assert_eq!(
+        step(&mut engine, T0_MS + 4, operator_abort(&id)),
+        nothing(),
+        "while the commit is delivered"
+    );
+    assert_eq!(engine.status(&id).unwrap().decision, Some(Decision::Commit));
+    ack_all(&mut engine, &id, 2, &[0, 1], &Decision::Commit, T0_MS + 5);
+    assert_eq!(
+        step(&mut engine, T0_MS + 6, operator_abort(&id)),
+        nothing(),
+        "after it finished"
+    );
+}
+
+#[test]
+fn operator_retry_sends_a_waiting_redelivery_now_and_its_timer_goes_stale() {
+    let id = txn_id(1);
+    let mut engine = new_engine();
+    deliver_commit(&mut engine, &id, 2);
+    let effects = step(&mut engine, T0_MS + 3, delivery_failed(&id, 1));
+    let at_ms = assert_redelivery_timer(&effects, &id, 1, T0_MS + 3, 0);
+    assert_eq!(engine.redeliveries_due(&id), Some(vec![None, Some(at_ms)]));
+    // Branch 0's delivery is in flight: only branch 1 is sent again.
+    assert_eq!(
+        step(&mut engine, T0_MS + 4, operator_retry(&id)),
+        vec![send_decision(&id, 1, true)]
+    );
+    assert_eq!(engine.redeliveries_due(&id), Some(vec![None, None]));
+    assert_eq!(engine.status(&id).unwrap().branches[1].attempts, 2);
+    assert_eq!(
+        step(&mut engine, T0_MS + 5, operator_retry(&id)),
+        nothing(),
+        "nothing waits any more"
+    );
+    assert_eq!(
+        step(&mut engine, at_ms, fired(&id, redeliver(1))),
+        nothing(),
+        "the disarmed timer is stale"
+    );
+    // A duplicate failure report arms one timer, not two.
+    let effects = step(&mut engine, at_ms + 1, delivery_failed(&id, 1));
+    assert_redelivery_timer(&effects, &id, 1, at_ms + 1, 1);
+    assert_eq!(
+        step(&mut engine, at_ms + 2, delivery_failed(&id, 1)),
+        nothing()
+    );
+    ack_all(&mut engine, &id, 2, &[0, 1], &Decision::Commit, at_ms + 3);
+}
+
+#[test]
+fn operator_retry_before_the_decision_is_announced_does_nothing() {
+    let id = txn_id(1);
+    let mut engine = new_engine();
+    start(&mut engine, &id, 2);
+    assert_eq!(step(&mut engine, T0_MS + 1, operator_retry(&id)), nothing());
+    step(&mut engine, T0_MS + 2, yes(&id, 0));
+    step(&mut engine, T0_MS + 2, yes(&id, 1));
+    assert_eq!(step(&mut engine, T0_MS + 3, operator_retry(&id)), nothing());
+    assert_eq!(
+        step(&mut engine, T0_MS + 4, durable(&id)),
+        announced(&id, &all(2), &Decision::Commit)
+    );
+}
+
+// ----------------------------------------------------------------------------------------
 // Determinism
 // ----------------------------------------------------------------------------------------
 

@@ -21,6 +21,12 @@
 //! Recovery: a `Preparing` record means nothing was decided: the transaction is aborted
 //! (decided, forced, delivered). A `Decided` record is delivered again to every branch.
 //!
+//! Operators: [`Event::OperatorAbort`] decides abort while the transaction is preparing (the
+//! usual forced write and delivery follow; the reason names the operator) and changes nothing
+//! once it is decided. [`Event::OperatorRetry`] sends at once every decision whose redelivery
+//! timer is armed; the timer is disarmed, so its later firing is stale and one redelivery
+//! loop per branch remains.
+//!
 //! Known limitations: a prepare is sent once; a transport failure aborts the transaction
 //! rather than retrying it within the deadline.
 
@@ -54,6 +60,10 @@ struct Branch {
     /// How many times the current request (prepare or decision) was sent.
     attempts: u32,
     last_error: Option<String>,
+    /// A redelivery timer is armed for this branch, due then. `None`: the decision is in
+    /// flight, acknowledged, or not sent yet. One timer at a time, so that an operator's
+    /// retry (which sends at once and disarms it) never leaves two redelivery loops behind.
+    redeliver_at_ms: Option<u64>,
 }
 
 /// One transaction in flight.
@@ -91,6 +101,7 @@ impl TwoPhaseTxn {
                     phase: BranchPhase::Preparing,
                     attempts: 1,
                     last_error: None,
+                    redeliver_at_ms: None,
                 })
                 .collect(),
             phase: Phase::Preparing { deadline_ms },
@@ -133,6 +144,7 @@ impl TwoPhaseTxn {
             phase,
             attempts: 0,
             last_error: None,
+            redeliver_at_ms: None,
         };
         match record {
             TxnRecord::Preparing {
@@ -218,13 +230,35 @@ impl TwoPhaseTxn {
                     if let Some(b) = self.branch_mut(branch) {
                         if b.phase != BranchPhase::Acknowledged {
                             b.last_error = Some(error);
-                            let delay = ctx.backoff.delay(b.attempts.saturating_sub(1), ctx.rng);
-                            effects.push(Effect::SetTimer {
-                                txn: id,
-                                timer: Timer::Redeliver { branch },
-                                at_ms: ctx.now_ms + delay.as_millis() as u64,
-                            });
+                            if b.redeliver_at_ms.is_none() {
+                                let delay =
+                                    ctx.backoff.delay(b.attempts.saturating_sub(1), ctx.rng);
+                                let at_ms = ctx.now_ms + delay.as_millis() as u64;
+                                b.redeliver_at_ms = Some(at_ms);
+                                effects.push(Effect::SetTimer {
+                                    txn: id,
+                                    timer: Timer::Redeliver { branch },
+                                    at_ms,
+                                });
+                            } // else a duplicate failure: a redelivery is already due
                         }
+                    }
+                }
+            }
+            Event::OperatorAbort { reason, .. } => {
+                if matches!(self.phase, Phase::Preparing { .. }) {
+                    let reason = format!("aborted by an operator: {reason}");
+                    self.decide(Decision::Abort { reason }, ctx.now_ms, effects);
+                } // decided already: the decision stands; the runtime says which
+            }
+            Event::OperatorRetry { .. } => {
+                if let Phase::Delivering { .. } = self.phase {
+                    let due: Vec<BranchIdx> = (0..self.branches.len())
+                        .filter(|&i| self.branches[i].redeliver_at_ms.is_some())
+                        .map(|i| BranchIdx(i as u32))
+                        .collect();
+                    for branch in due {
+                        self.redeliver(branch, effects);
                     }
                 }
             }
@@ -289,19 +323,14 @@ impl TwoPhaseTxn {
                 );
                 self.decide(Decision::Abort { reason }, now_ms, effects);
             }
-            (Timer::Redeliver { branch }, Phase::Delivering { decision }) => {
-                let commit = decision.is_commit();
-                let id = self.id.clone();
-                if let Some(b) = self.branch_mut(branch) {
-                    if b.phase != BranchPhase::Acknowledged {
-                        b.attempts += 1;
-                        effects.push(Effect::SendDecision {
-                            txn: id,
-                            branch,
-                            target: b.target.clone(),
-                            commit,
-                        });
-                    }
+            (Timer::Redeliver { branch }, Phase::Delivering { .. }) => {
+                // Disarmed (an operator's retry sent it already): stale, ignored.
+                if self
+                    .branches
+                    .get(branch.0 as usize)
+                    .is_some_and(|b| b.redeliver_at_ms.is_some())
+                {
+                    self.redeliver(branch, effects);
                 }
             }
             // A deadline after the decision, or a redelivery before one: stale, ignored.
@@ -379,6 +408,7 @@ impl TwoPhaseTxn {
         if let Some(b) = self.branch_mut(branch) {
             b.phase = BranchPhase::Acknowledged;
             b.last_error = None;
+            b.redeliver_at_ms = None;
         }
         self.finish_if_all_acknowledged(now_ms, effects);
     }
@@ -407,6 +437,32 @@ impl TwoPhaseTxn {
                 txn: self.id.clone(),
             });
         }
+    }
+
+    /// Sends the decision to `branch` again now, disarming its redelivery timer.
+    fn redeliver(&mut self, branch: BranchIdx, effects: &mut Vec<Effect>) {
+        let Phase::Delivering { decision } = &self.phase else {
+            panic!("{}: redelivering in phase {:?}", self.id, self.phase);
+        };
+        let commit = decision.is_commit();
+        let id = self.id.clone();
+        if let Some(b) = self.branch_mut(branch) {
+            b.redeliver_at_ms = None;
+            if b.phase != BranchPhase::Acknowledged {
+                b.attempts += 1;
+                effects.push(Effect::SendDecision {
+                    txn: id,
+                    branch,
+                    target: b.target.clone(),
+                    commit,
+                });
+            }
+        }
+    }
+
+    /// When each branch's redelivery is due, if one is armed (for the operator's view).
+    pub fn redeliveries_due(&self) -> Vec<Option<u64>> {
+        self.branches.iter().map(|b| b.redeliver_at_ms).collect()
     }
 
     fn branch_mut(&mut self, branch: BranchIdx) -> Option<&mut Branch> {
@@ -453,6 +509,18 @@ impl TwoPhaseTxn {
     /// Checks the machine's invariants; run after every step in debug and test builds.
     pub fn validate(&self) {
         assert!(!self.branches.is_empty(), "{}: no branches", self.id);
+        for (i, b) in self.branches.iter().enumerate() {
+            if b.redeliver_at_ms.is_some() {
+                assert!(
+                    matches!(self.phase, Phase::Delivering { .. })
+                        && b.phase != BranchPhase::Acknowledged,
+                    "{}: branch #{i} ({:?}) has a redelivery armed in phase {:?}",
+                    self.id,
+                    b.phase,
+                    self.phase
+                );
+            }
+        }
         let count = |p: BranchPhase| self.branches.iter().filter(|b| b.phase == p).count();
         match &self.phase {
             Phase::Preparing { .. } => {

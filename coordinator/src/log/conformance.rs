@@ -6,7 +6,7 @@
 use tandem_common::TxnId;
 
 use super::mem_log::MemLog;
-use super::record::TxnRecord;
+use super::record::{HistoryEntry, HistoryKind, TxnRecord, HISTORY_ENTRIES_MAX, HISTORY_HEAD_KEPT};
 use super::sled_log::SledLog;
 use super::TxnLog;
 use crate::engine::types::{BranchTarget, Decision};
@@ -70,6 +70,41 @@ async fn suite<L: TxnLog>(open: impl FnOnce() -> L, crash_and_reopen: impl Fn(L)
         after == Some(preparing(3)) || after == Some(decided(3)),
         "record of {} after crash: {after:?}",
         id(3)
+    );
+    // Histories: appended in order, kept per id, bounded (head and latest kept), durable
+    // once flushed.
+    let entry = |n: u64| HistoryEntry::new(n, HistoryKind::Began, Some(1), 2, format!("#{n}"));
+    assert!(log.history(&id(5)).unwrap().entries.is_empty());
+    for n in 0..3 {
+        log.append_history(&id(5), &entry(n)).unwrap();
+    }
+    log.append_history(&id(6), &entry(99)).unwrap();
+    let history = log.history(&id(5)).unwrap();
+    assert_eq!(history.entries, vec![entry(0), entry(1), entry(2)]);
+    assert!(!history.truncated);
+    let total = HISTORY_ENTRIES_MAX as u64 + 5;
+    for n in 0..total {
+        log.append_history(&id(7), &entry(n)).unwrap();
+    }
+    let history = log.history(&id(7)).unwrap();
+    assert!(history.truncated);
+    assert_eq!(history.entries.len(), HISTORY_ENTRIES_MAX);
+    assert_eq!(
+        history.entries[HISTORY_HEAD_KEPT - 1],
+        entry(HISTORY_HEAD_KEPT as u64 - 1)
+    );
+    assert_eq!(
+        history.entries[HISTORY_HEAD_KEPT],
+        entry(HISTORY_HEAD_KEPT as u64 + 5)
+    );
+    assert_eq!(history.entries.last(), Some(&entry(total - 1)));
+    log.flush().await.unwrap();
+    let log = crash_and_reopen(log);
+    assert_eq!(log.history(&id(5)).unwrap().entries.len(), 3);
+    assert_eq!(log.history(&id(6)).unwrap().entries, vec![entry(99)]);
+    assert_eq!(
+        log.history(&id(7)).unwrap().entries.len(),
+        HISTORY_ENTRIES_MAX
     );
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tandem_common::TxnId;
 
-use super::record::{SagaSpecRecord, StoredSaga, TxnRecord};
+use super::record::{bounded_push, History, HistoryEntry, SagaSpecRecord, StoredSaga, TxnRecord};
 use super::{FlushFuture, LogError, TxnLog};
 use crate::engine::saga::SagaProgress;
 
@@ -17,6 +17,7 @@ struct Records {
     txns: BTreeMap<TxnId, TxnRecord>,
     saga_specs: BTreeMap<TxnId, SagaSpecRecord>,
     saga_progress: BTreeMap<TxnId, SagaProgress>,
+    history: BTreeMap<TxnId, History>,
 }
 
 #[derive(Default)]
@@ -117,6 +118,20 @@ impl TxnLog for MemLog {
                 (saga.clone(), stored)
             })
             .collect())
+    }
+
+    fn append_history(&self, id: &TxnId, entry: &HistoryEntry) -> Result<(), LogError> {
+        let mut state = self.state.lock().unwrap();
+        let history = state.visible.history.entry(id.clone()).or_default();
+        if bounded_push(&mut history.entries, entry.clone()).is_some() {
+            history.truncated = true;
+        }
+        Ok(())
+    }
+
+    fn history(&self, id: &TxnId) -> Result<History, LogError> {
+        let state = self.state.lock().unwrap();
+        Ok(state.visible.history.get(id).cloned().unwrap_or_default())
     }
 
     fn size_on_disk(&self) -> u64 {

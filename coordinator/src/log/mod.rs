@@ -13,6 +13,11 @@
 //!   forced by the runtime before the saga is acknowledged) and the progress (replaced at
 //!   every change, never forced). The same visibility and ordering rules apply to both;
 //!   `scan_sagas` returns every saga with a spec, in id order, with its latest progress.
+//! - Each transaction and saga also has a *history*: its state changes with their times, for
+//!   operators. `append_history` is lazy like `put` (a crash may lose the latest entries, never
+//!   reorder them); `history` returns the entries oldest first, at most
+//!   [`record::HISTORY_ENTRIES_MAX`] (the first [`record::HISTORY_HEAD_KEPT`] and the latest).
+//!   The protocol never reads it; a log written before histories existed has none.
 //!
 //! Implementations: [`sled_log::SledLog`] (the embedded default: sled plus the group-commit
 //! flusher that fdatasyncs) and [`mem_log::MemLog`] (in memory, with a `crash` that drops what
@@ -30,7 +35,7 @@ use std::pin::Pin;
 
 use tandem_common::TxnId;
 
-use record::{SagaSpecRecord, StoredSaga, TxnRecord};
+use record::{History, HistoryEntry, SagaSpecRecord, StoredSaga, TxnRecord};
 
 use crate::engine::saga::SagaProgress;
 
@@ -70,6 +75,12 @@ pub trait TxnLog: Send + Sync + 'static {
     fn get_saga(&self, saga: &TxnId) -> Result<Option<StoredSaga>, LogError>;
     /// Every saga, in id order.
     fn scan_sagas(&self) -> Result<Vec<(TxnId, StoredSaga)>, LogError>;
+    /// Appends a state change to the history of `id` (a transaction or a saga), dropping the
+    /// oldest entry after the first `HISTORY_HEAD_KEPT` when `HISTORY_ENTRIES_MAX` are kept.
+    /// Visible at once; durable after a later flush.
+    fn append_history(&self, id: &TxnId, entry: &HistoryEntry) -> Result<(), LogError>;
+    /// The history of `id`, oldest first (empty if none was recorded).
+    fn history(&self, id: &TxnId) -> Result<History, LogError>;
     /// How many bytes the log occupies on disk (0 where that means nothing).
     fn size_on_disk(&self) -> u64;
 }

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::saga::{SagaProgress, SagaSpec};
+use crate::engine::saga::{ChangeKind, SagaProgress, SagaSpec};
 use crate::engine::types::{BranchPhase, BranchTarget, Decision};
 
 /// A digest of a transaction's branches (targets and payloads), to tell a client's retry
@@ -112,4 +112,116 @@ pub struct SagaSpecRecord {
 pub struct StoredSaga {
     pub spec: SagaSpecRecord,
     pub progress: Option<SagaProgress>,
+}
+
+/// Most history entries kept per transaction or saga: the first [`HISTORY_HEAD_KEPT`] and the
+/// latest ones (a compensation retried for days would otherwise grow its history forever).
+pub const HISTORY_ENTRIES_MAX: usize = 128;
+/// How many of the oldest history entries are never dropped (how it began).
+pub const HISTORY_HEAD_KEPT: usize = 32;
+/// Longest detail kept in a history entry, in bytes (longer ones are cut).
+pub const HISTORY_DETAIL_BYTES_MAX: usize = 512;
+
+/// One state change of a transaction or a saga, kept in the log (lazily) so that operators
+/// see when things happened, also after a restart. Stored apart from the records the protocol
+/// reads (its own tree), so older logs, which have none, still decode: their transactions
+/// simply show no changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at_ms: u64,
+    pub kind: HistoryKind,
+    /// The branch or step concerned; `None` for the whole transaction or saga.
+    pub part: Option<u32>,
+    /// The attempt concerned; 0 when none.
+    pub attempt: u32,
+    /// Human-readable detail, at most [`HISTORY_DETAIL_BYTES_MAX`] bytes; may be empty.
+    pub detail: String,
+}
+
+impl HistoryEntry {
+    pub fn new(
+        at_ms: u64,
+        kind: HistoryKind,
+        part: Option<u32>,
+        attempt: u32,
+        detail: String,
+    ) -> Self {
+        HistoryEntry {
+            at_ms,
+            kind,
+            part,
+            attempt,
+            detail: tandem_common::clip_text(detail, HISTORY_DETAIL_BYTES_MAX),
+        }
+    }
+}
+
+/// What a [`HistoryEntry`] records. Variants are encoded by position: append new ones last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HistoryKind {
+    /// 2PC: prepare requests went out.
+    Began,
+    /// 2PC: a branch voted no (`detail`: its reason).
+    VotedNo,
+    /// 2PC: a branch did not answer prepare.
+    PrepareFailed,
+    /// 2PC: the decision was made (`detail`: commit, or abort and why).
+    Decided,
+    /// 2PC: a decision delivery failed; it will be sent again.
+    DeliveryFailed,
+    /// 2PC: every branch acknowledged the decision.
+    Finished,
+    /// A saga's change, as watchers saw it.
+    Saga(ChangeKind),
+    /// An operator asked for an abort (`detail`: the reason).
+    OperatorAbort,
+    /// An operator asked for a retry now (`attempt`: how many calls were sent).
+    OperatorRetry,
+}
+
+impl HistoryKind {
+    /// The stable lowercase name the admin contract and the CLI show.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HistoryKind::Began => "began",
+            HistoryKind::VotedNo => "voted_no",
+            HistoryKind::PrepareFailed => "prepare_failed",
+            HistoryKind::Decided => "decided",
+            HistoryKind::DeliveryFailed => "delivery_failed",
+            HistoryKind::Finished => "finished",
+            HistoryKind::OperatorAbort => "operator_abort",
+            HistoryKind::OperatorRetry => "operator_retry",
+            HistoryKind::Saga(kind) => match kind {
+                ChangeKind::Accepted => "accepted",
+                ChangeKind::StepStarted => "step_started",
+                ChangeKind::StepSucceeded => "step_succeeded",
+                ChangeKind::StepFailed => "step_failed",
+                ChangeKind::StepRetried => "step_retried",
+                ChangeKind::CompensationStarted => "compensation_started",
+                ChangeKind::StepCompensated => "step_compensated",
+                ChangeKind::CompensationRetried => "compensation_retried",
+                ChangeKind::Stuck => "stuck",
+                ChangeKind::Finished => "finished",
+            },
+        }
+    }
+}
+
+/// A transaction's or saga's history as the log holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    /// Oldest first.
+    pub entries: Vec<HistoryEntry>,
+    /// Entries were dropped between the first [`HISTORY_HEAD_KEPT`] and the latest.
+    pub truncated: bool,
+}
+
+/// Appends `entry` to `history` within the bounds; returns the index dropped, if one was.
+pub fn bounded_push(entries: &mut Vec<HistoryEntry>, entry: HistoryEntry) -> Option<usize> {
+    let dropped = (entries.len() >= HISTORY_ENTRIES_MAX).then(|| {
+        entries.remove(HISTORY_HEAD_KEPT);
+        HISTORY_HEAD_KEPT
+    });
+    entries.push(entry);
+    dropped
 }

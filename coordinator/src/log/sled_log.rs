@@ -5,7 +5,10 @@ use std::path::Path;
 
 use tandem_common::{codec, group_commit, GroupCommit, TxnId, RECORD_BYTES_MAX};
 
-use super::record::{SagaSpecRecord, StoredSaga, TxnRecord};
+use super::record::{
+    History, HistoryEntry, SagaSpecRecord, StoredSaga, TxnRecord, HISTORY_ENTRIES_MAX,
+    HISTORY_HEAD_KEPT,
+};
 use super::{FlushFuture, LogError, TxnLog};
 use crate::engine::saga::SagaProgress;
 
@@ -14,12 +17,18 @@ const TXNS_TREE: &str = "tandem.coordinator.txns";
 /// The trees holding each saga's spec and progress, keyed by saga id.
 const SAGA_SPECS_TREE: &str = "tandem.coordinator.saga_specs";
 const SAGA_PROGRESS_TREE: &str = "tandem.coordinator.saga_progress";
+/// The tree holding histories: key `<id> 0x00 <u64 big-endian>` per entry (the number from
+/// `sled::Db::generate_id`, increasing across restarts), and `<id> 0x01` marking a history
+/// that dropped entries. Ids never hold bytes below `-`, so one id's keys never mix with
+/// another's.
+const HISTORY_TREE: &str = "tandem.coordinator.history";
 
 pub struct SledLog {
     db: sled::Db,
     txns: sled::Tree,
     saga_specs: sled::Tree,
     saga_progress: sled::Tree,
+    history: sled::Tree,
     flusher: GroupCommit,
 }
 
@@ -31,6 +40,7 @@ impl SledLog {
         let txns = db.open_tree(TXNS_TREE).map_err(storage)?;
         let saga_specs = db.open_tree(SAGA_SPECS_TREE).map_err(storage)?;
         let saga_progress = db.open_tree(SAGA_PROGRESS_TREE).map_err(storage)?;
+        let history = db.open_tree(HISTORY_TREE).map_err(storage)?;
         let flusher = GroupCommit::start(db.clone(), dir)
             .map_err(|e| LogError::Storage(format!("{}: {e}", dir.display())))?;
         Ok(SledLog {
@@ -38,6 +48,7 @@ impl SledLog {
             txns,
             saga_specs,
             saga_progress,
+            history,
             flusher,
         })
     }
@@ -53,6 +64,14 @@ fn decode<T: serde::de::DeserializeOwned>(txn: &[u8], bytes: &[u8]) -> Result<T,
         txn: String::from_utf8_lossy(txn).into_owned(),
         source,
     })
+}
+
+/// The key prefix of `id`'s history entries (`marker`: 0x00) or its truncation mark (0x01).
+fn history_key(id: &TxnId, marker: u8) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.as_str().len() + 9);
+    key.extend_from_slice(id.as_str().as_bytes());
+    key.push(marker);
+    key
 }
 
 fn storage(e: sled::Error) -> LogError {
@@ -144,6 +163,47 @@ impl TxnLog for SledLog {
             sagas.push((saga, StoredSaga { spec, progress }));
         }
         Ok(sagas)
+    }
+
+    fn append_history(&self, id: &TxnId, entry: &HistoryEntry) -> Result<(), LogError> {
+        let prefix = history_key(id, 0);
+        let keys: Vec<sled::IVec> = self
+            .history
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        if keys.len() >= HISTORY_ENTRIES_MAX {
+            self.history
+                .remove(&keys[HISTORY_HEAD_KEPT])
+                .map_err(storage)?;
+            self.history
+                .insert(history_key(id, 1), &[][..])
+                .map_err(storage)?;
+        }
+        let bytes = codec::encode(entry).map_err(|e| LogError::Storage(e.to_string()))?;
+        assert!(
+            bytes.len() <= RECORD_BYTES_MAX,
+            "{id}: history entry of {} bytes exceeds RECORD_BYTES_MAX",
+            bytes.len()
+        );
+        let mut key = prefix;
+        key.extend_from_slice(&self.db.generate_id().map_err(storage)?.to_be_bytes());
+        self.history.insert(key, bytes).map_err(storage)?;
+        Ok(())
+    }
+
+    fn history(&self, id: &TxnId) -> Result<History, LogError> {
+        let mut entries = Vec::new();
+        for item in self.history.scan_prefix(history_key(id, 0)) {
+            let (_, value) = item.map_err(storage)?;
+            entries.push(decode(id.as_str().as_bytes(), &value)?);
+        }
+        let truncated = self
+            .history
+            .contains_key(history_key(id, 1))
+            .map_err(storage)?;
+        Ok(History { entries, truncated })
     }
 
     fn size_on_disk(&self) -> u64 {

@@ -23,8 +23,13 @@
 //! the forced spec write completes before the submitter hears "accepted", progress is written
 //! lazily, and every effect is carried out here. The saga half lives in [`sagas`].
 
+mod admin;
 mod sagas;
 
+pub use admin::{
+    state_name, AbortAnswer, ListFilter, ListPage, PartDetail, PartPhase, RetryAnswer, TxnDetail,
+    TxnKind, TxnState, TxnSummary, ABORT_REASON_BYTES_MAX, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX,
+};
 pub use sagas::{SagaView, SubmitSagaRequest, WatchItem};
 
 use std::collections::{BTreeMap, HashMap};
@@ -86,6 +91,7 @@ enum Command {
         reply: oneshot::Sender<usize>,
     },
     Saga(sagas::SagaCommand),
+    Admin(admin::AdminCommand),
 }
 
 /// What the loop's tasks (participant calls, flushes) report back.
@@ -379,6 +385,7 @@ impl Runtime {
     }
 
     fn on_event(&mut self, event: Event) {
+        self.history_of_event(&event);
         let effects = self.engine.step(unix_now_ms(), event);
         self.apply(effects);
     }
@@ -420,6 +427,7 @@ impl Runtime {
                 let _ = reply.send(self.engine.in_flight() + self.sagas.engine.in_flight());
             }
             Command::Saga(command) => self.on_saga_command(command),
+            Command::Admin(command) => self.on_admin_command(command),
         }
     }
 
@@ -601,6 +609,7 @@ impl Runtime {
         if let Err(e) = self.log.put(&txn, &record) {
             fatal("writing to the transaction log failed", &e);
         }
+        self.history_of_record(&txn, &record);
         match durability {
             Durability::Lazy => {}
             Durability::Forced => {

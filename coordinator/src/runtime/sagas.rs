@@ -162,7 +162,7 @@ fn step_names(spec: &SagaSpec) -> Vec<String> {
 }
 
 /// A stored saga's view (one the engine has dropped).
-fn view_of_stored(saga: &TxnId, stored: &StoredSaga) -> SagaView {
+pub(super) fn view_of_stored(saga: &TxnId, stored: &StoredSaga) -> SagaView {
     let accepted_ms = stored.spec.accepted_ms;
     let status = match &stored.progress {
         Some(progress) => progress.status(accepted_ms),
@@ -236,7 +236,7 @@ impl Runtime {
         Ok(self.sagas.engine.fingerprint(id).is_some() || self.log.get_saga(id)?.is_some())
     }
 
-    fn saga_view(&self, saga: &TxnId) -> Result<Option<SagaView>, CoordinatorError> {
+    pub(super) fn saga_view(&self, saga: &TxnId) -> Result<Option<SagaView>, CoordinatorError> {
         if let Some(view) = self.sagas.view_in_flight(saga) {
             return Ok(Some(view));
         }
@@ -612,6 +612,7 @@ impl Runtime {
     }
 
     fn notify(&mut self, saga: TxnId, change: SagaChange) {
+        self.history_of_change(&saga, &change);
         let finished = change.kind == ChangeKind::Finished;
         let history = self.sagas.histories.entry(saga.clone()).or_default();
         let retry = matches!(

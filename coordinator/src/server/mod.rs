@@ -7,6 +7,7 @@
 //! ([`CoordinatorConfig::participant_hosts_allowed`]): a host it does not admit is
 //! `PERMISSION_DENIED`, before any record is written or any connection is made.
 
+pub mod admin;
 pub mod saga;
 
 use std::time::Instant;

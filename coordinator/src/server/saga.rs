@@ -261,7 +261,7 @@ fn phase_to_pb(phase: &SagaPhase) -> pb::SagaPhase {
     }
 }
 
-fn step_phase_to_pb(phase: &StepPhase) -> pb::StepPhase {
+pub(crate) fn step_phase_to_pb(phase: &StepPhase) -> pb::StepPhase {
     match phase {
         StepPhase::Pending => pb::StepPhase::Pending,
         StepPhase::Running => pb::StepPhase::Running,

@@ -5,11 +5,13 @@
 //! - `tandem demo`: a coordinator and two bank participants in one process, a few hundred
 //!   transfers, a summary;
 //! - `tandem bench 2pc`: coordinator and banks as separate processes, a closed-loop load,
-//!   throughput and latency beside the bare gRPC ping rate of the same run.
+//!   throughput and latency beside the bare gRPC ping rate of the same run;
+//! - `tandem txn list|show|retry|abort`: the operator's view and levers (`txn.rs`).
 
 mod bench;
 mod demo;
 mod serve;
+mod txn;
 
 use std::process::ExitCode;
 
@@ -36,6 +38,8 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Operate on transactions and sagas: list, show, retry, abort (the Admin service).
+    Txn(txn::TxnArgs),
 }
 
 // glibc's malloc showed up as a fifth of the coordinator's CPU under load (many small,
@@ -55,6 +59,8 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(*args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(command) => bench::run(command).await,
+        // Its own exit codes: 1 refused, 2 malformed (docs/operations.md).
+        Command::Txn(args) => return txn::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
-use tandem_coordinator::config::{format_host_patterns, parse_host_patterns};
+use tandem_coordinator::config::{format_host_patterns, parse_host_patterns, RETRY_DELAY_MS_MAX};
 use tandem_coordinator::{daemon, CoordinatorConfig};
 
 /// The daemon's configuration: one field per key, with the defaults of [`Default`].
@@ -46,6 +46,11 @@ pub struct ServeConfig {
     pub step_timeout_ms_max: u64,
     /// Consecutive failures of a compensation after which a saga is flagged stuck.
     pub saga_stuck_after_failures: u32,
+    /// First delay before a failed saga compensation is sent again, in ms.
+    pub saga_compensation_backoff_initial_ms: u64,
+    /// Longest delay between attempts of a failing saga compensation, in ms (`tandem txn
+    /// retry` sends a waiting one at once).
+    pub saga_compensation_backoff_max_ms: u64,
     /// Most 2PC transactions in flight before new ones get RESOURCE_EXHAUSTED.
     pub txn_in_flight_max: usize,
     /// Most sagas in flight before new ones get RESOURCE_EXHAUSTED.
@@ -76,6 +81,8 @@ impl Default for ServeConfig {
             step_timeout_ms_default: engine.step_timeout_ms_default,
             step_timeout_ms_max: engine.step_timeout_ms_max,
             saga_stuck_after_failures: engine.saga_stuck_after_failures,
+            saga_compensation_backoff_initial_ms: engine.saga_compensation_backoff.initial_ms,
+            saga_compensation_backoff_max_ms: engine.saga_compensation_backoff.max_ms,
             txn_in_flight_max: engine.txn_in_flight_max,
             saga_in_flight_max: engine.saga_in_flight_max,
             request_queue_max: engine.request_queue_max,
@@ -135,6 +142,15 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub saga_stuck_after_failures: Option<u32>,
+    /// First delay before a failed saga compensation is sent again, in ms [default: 100].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saga_compensation_backoff_initial_ms: Option<u64>,
+    /// Longest delay between attempts of a failing saga compensation, in ms
+    /// [default: 10000] (`tandem txn retry` sends a waiting one at once).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saga_compensation_backoff_max_ms: Option<u64>,
     /// Most transactions in flight before new ones are refused (RESOURCE_EXHAUSTED)
     /// [default: 10000].
     #[arg(long)]
@@ -269,6 +285,23 @@ fn validate(c: &ServeConfig) -> anyhow::Result<()> {
             ),
         )?;
     }
+    if c.saga_compensation_backoff_initial_ms == 0
+        || c.saga_compensation_backoff_initial_ms > c.saga_compensation_backoff_max_ms
+    {
+        refuse(
+            "saga_compensation_backoff_initial_ms",
+            format_args!(
+                "{} must be in 1..=saga_compensation_backoff_max_ms ({})",
+                c.saga_compensation_backoff_initial_ms, c.saga_compensation_backoff_max_ms
+            ),
+        )?;
+    }
+    if c.saga_compensation_backoff_max_ms > RETRY_DELAY_MS_MAX {
+        refuse(
+            "saga_compensation_backoff_max_ms",
+            format_args!("must be at most {RETRY_DELAY_MS_MAX}"),
+        )?;
+    }
     for (key, value) in [
         ("decision_call_timeout_ms", c.decision_call_timeout_ms),
         ("txn_in_flight_max", c.txn_in_flight_max as u64),
@@ -336,6 +369,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.step_timeout_ms_default = settings.step_timeout_ms_default;
     config.step_timeout_ms_max = settings.step_timeout_ms_max;
     config.saga_stuck_after_failures = settings.saga_stuck_after_failures;
+    config.saga_compensation_backoff.initial_ms = settings.saga_compensation_backoff_initial_ms;
+    config.saga_compensation_backoff.max_ms = settings.saga_compensation_backoff_max_ms;
     config.txn_in_flight_max = settings.txn_in_flight_max;
     config.saga_in_flight_max = settings.saga_in_flight_max;
     config.request_queue_max = settings.request_queue_max;
