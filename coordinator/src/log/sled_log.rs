@@ -1,12 +1,20 @@
 //! The embedded default log: one sled tree keyed by transaction id, made durable by the
 //! group-commit flusher (`sled::Db::flush` followed by `fdatasync` of the data file).
+//!
+//! Pruning reads the candidates (a key range: ids sort by creation time) and removes each
+//! 2PC record with a compare-and-swap against the value it judged, so a record rewritten
+//! meanwhile is never removed; a saga's spec and progress are removed in one sled
+//! transaction, so no crash can leave a spec without its progress.
 
+use std::ops::Bound;
 use std::path::Path;
+
+use sled::Transactional;
 
 use tandem_common::{codec, group_commit, GroupCommit, TxnId, RECORD_BYTES_MAX};
 
 use super::record::{SagaSpecRecord, StoredSaga, TxnRecord};
-use super::{FlushFuture, LogError, TxnLog};
+use super::{id_key_bound, FlushFuture, LogError, PruneCutoff, PrunePass, TxnLog};
 use crate::engine::saga::SagaProgress;
 
 /// The tree holding one record per transaction.
@@ -93,13 +101,34 @@ fn scan_records<T: serde::de::DeserializeOwned>(
     let mut records = Vec::new();
     for entry in tree.iter() {
         let (key, value) = entry.map_err(storage)?;
-        let id = std::str::from_utf8(&key)
-            .ok()
-            .and_then(|k| TxnId::parse(k).ok())
-            .ok_or_else(|| LogError::Storage(format!("malformed key {key:?} in {name}")))?;
+        let id = key_id(&key, name)?;
         records.push((id, decode(&key, &value)?));
     }
     Ok(records)
+}
+
+/// The keys a prune pass examines: after `after`, before the cutoff's id bound. Empty (not a
+/// panic) when `after` is already past the bound, as after the clock stepped back.
+fn prune_range(
+    tree: &sled::Tree,
+    cutoff: &PruneCutoff,
+    after: Option<&TxnId>,
+) -> Option<sled::Iter> {
+    let upper = id_key_bound(cutoff.id_created_before_ms);
+    let lower = match after {
+        Some(after) if after.as_str() >= upper.as_str() => return None,
+        Some(after) => Bound::Excluded(after.as_str().as_bytes().to_vec()),
+        None => Bound::Unbounded,
+    };
+    Some(tree.range::<Vec<u8>, _>((lower, Bound::Excluded(upper.into_bytes()))))
+}
+
+/// Parses a key of the log's trees back into its id.
+fn key_id(key: &[u8], name: &str) -> Result<TxnId, LogError> {
+    std::str::from_utf8(key)
+        .ok()
+        .and_then(|k| TxnId::parse(k).ok())
+        .ok_or_else(|| LogError::Storage(format!("malformed key {key:?} in {name}")))
 }
 
 impl TxnLog for SledLog {
@@ -148,5 +177,96 @@ impl TxnLog for SledLog {
 
     fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn prune_txns(
+        &self,
+        cutoff: &PruneCutoff,
+        after: Option<&TxnId>,
+        scan_max: usize,
+    ) -> Result<PrunePass, LogError> {
+        let mut pass = PrunePass::default();
+        let Some(range) = prune_range(&self.txns, cutoff, after) else {
+            return Ok(pass);
+        };
+        let mut doomed = Vec::new();
+        for entry in range {
+            if pass.scanned == scan_max {
+                break;
+            }
+            let (key, value) = entry.map_err(storage)?;
+            let id = key_id(&key, TXNS_TREE)?;
+            pass.scanned += 1;
+            let record: TxnRecord = decode(&key, &value)?;
+            if record
+                .terminal_since_ms()
+                .is_some_and(|since| since < cutoff.terminal_before_ms)
+            {
+                doomed.push((key, value));
+            }
+            if pass.scanned == scan_max {
+                pass.resume_after = Some(id);
+            }
+        }
+        for (key, value) in doomed {
+            // Removed only if still the record judged terminal above.
+            let swapped = self
+                .txns
+                .compare_and_swap(&key, Some(&value), None::<&[u8]>)
+                .map_err(storage)?;
+            if swapped.is_ok() {
+                pass.removed += 1;
+            }
+        }
+        Ok(pass)
+    }
+
+    fn prune_sagas(
+        &self,
+        cutoff: &PruneCutoff,
+        after: Option<&TxnId>,
+        scan_max: usize,
+    ) -> Result<PrunePass, LogError> {
+        let mut pass = PrunePass::default();
+        let Some(range) = prune_range(&self.saga_specs, cutoff, after) else {
+            return Ok(pass);
+        };
+        let mut doomed = Vec::new();
+        for entry in range {
+            if pass.scanned == scan_max {
+                break;
+            }
+            let (key, value) = entry.map_err(storage)?;
+            let id = key_id(&key, SAGA_SPECS_TREE)?;
+            pass.scanned += 1;
+            let spec: SagaSpecRecord = decode(&key, &value)?;
+            let progress = get_record(&self.saga_progress, &id)?;
+            let stored = StoredSaga { spec, progress };
+            if stored
+                .terminal_since_ms()
+                .is_some_and(|since| since < cutoff.terminal_before_ms)
+            {
+                doomed.push(key);
+            }
+            if pass.scanned == scan_max {
+                pass.resume_after = Some(id);
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(pass);
+        }
+        // A finished saga is never written again, so nothing can change between the read above
+        // and this transaction; both records go, or neither.
+        (&self.saga_specs, &self.saga_progress)
+            .transaction(|(specs, progress)| {
+                for key in &doomed {
+                    specs.remove(key.as_ref())?;
+                    progress.remove(key.as_ref())?;
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| LogError::Storage(format!("removing finished sagas: {e:?}")))?;
+        pass.removed = doomed.len();
+        Ok(pass)
     }
 }
