@@ -83,6 +83,34 @@ pub struct ServeArgs {
         verbatim_doc_comment
     )]
     allow_participants: String,
+    /// How long finished transactions and sagas stay in the log (for `GetTransaction`,
+    /// `GetSaga` and retries) before they are removed: a duration like 24h or 7d, or
+    /// `forever` to keep everything. Must be at least --txn-id-age-max.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_retention)]
+    retention: Retention,
+    /// Transaction and saga ids older than this are refused, so that an id is never reused
+    /// (a duration like 1h or 7d). At most --retention.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = bench::parse_duration)]
+    txn_id_age_max: std::time::Duration,
+}
+
+/// `--retention`: a duration, or keep forever.
+#[derive(Debug, Clone, Copy)]
+enum Retention {
+    For(std::time::Duration),
+    Forever,
+}
+
+fn parse_retention(text: &str) -> Result<Retention, String> {
+    if text.trim() == "forever" {
+        return Ok(Retention::Forever);
+    }
+    bench::parse_duration(text).map(Retention::For)
+}
+
+/// A duration in whole milliseconds (a duration too long to count is as good as forever).
+fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 pub async fn shutdown_signal() {
@@ -135,6 +163,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "participant hosts allowed"
     );
     config.participant_hosts_allowed = participant_hosts_allowed;
+    config.txn_id_age_ms_max = millis(args.txn_id_age_max);
+    config.terminal_retention_ms = match args.retention {
+        Retention::For(duration) => Some(millis(duration)),
+        Retention::Forever => None,
+    };
+    if let Err(e) = config.check_retention() {
+        bail!("--retention: {e}");
+    }
     // Tests and scripts read this line to learn the port.
     println!("tandem coordinator listening on {bound}");
     daemon::run(listener, &args.data_dir, config, shutdown_signal())
