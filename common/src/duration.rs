@@ -38,6 +38,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// Parses a retention: a duration as [`parse_duration`] reads it, or `forever` (`None`: keep
+/// everything).
+pub fn parse_retention(text: &str) -> Result<Option<Duration>, String> {
+    if text.trim() == "forever" {
+        return Ok(None);
+    }
+    parse_duration(text).map(Some)
+}
+
+/// A duration in whole milliseconds (one too long to count is as good as forever).
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +67,8 @@ mod tests {
             let error = parse_duration(bad).unwrap_err();
             assert!(error.contains(bad.trim()), "{bad:?}: {error}");
         }
+        assert_eq!(parse_retention("forever"), Ok(None));
+        assert_eq!(parse_retention("1s"), Ok(Some(Duration::from_secs(1))));
+        assert!(parse_retention("never").is_err());
     }
 }

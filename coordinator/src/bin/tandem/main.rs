@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use tandem_common::duration::{millis, parse_retention};
 use tandem_coordinator::config::{format_host_patterns, parse_host_patterns};
 use tandem_coordinator::{daemon, CoordinatorConfig};
 
@@ -87,30 +88,13 @@ pub struct ServeArgs {
     /// `GetSaga` and retries) before they are removed: a duration like 24h or 7d, or
     /// `forever` to keep everything. Must be at least --txn-id-age-max.
     #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_retention)]
-    retention: Retention,
+    // Spelled out so that clap takes the parser's `Option` as the value (None: forever), not as
+    // "the flag may be absent".
+    retention: std::option::Option<std::time::Duration>,
     /// Transaction and saga ids older than this are refused, so that an id is never reused
     /// (a duration like 1h or 7d). At most --retention.
     #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = bench::parse_duration)]
     txn_id_age_max: std::time::Duration,
-}
-
-/// `--retention`: a duration, or keep forever.
-#[derive(Debug, Clone, Copy)]
-enum Retention {
-    For(std::time::Duration),
-    Forever,
-}
-
-fn parse_retention(text: &str) -> Result<Retention, String> {
-    if text.trim() == "forever" {
-        return Ok(Retention::Forever);
-    }
-    bench::parse_duration(text).map(Retention::For)
-}
-
-/// A duration in whole milliseconds (a duration too long to count is as good as forever).
-fn millis(duration: std::time::Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 pub async fn shutdown_signal() {
@@ -164,10 +148,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     config.participant_hosts_allowed = participant_hosts_allowed;
     config.txn_id_age_ms_max = millis(args.txn_id_age_max);
-    config.terminal_retention_ms = match args.retention {
-        Retention::For(duration) => Some(millis(duration)),
-        Retention::Forever => None,
-    };
+    config.terminal_retention_ms = args.retention.map(millis);
     if let Err(e) = config.check_retention() {
         bail!("--retention: {e}");
     }
