@@ -445,6 +445,43 @@ mod tests {
         assert_eq!(alice(&p), 984);
     }
 
+    /// A handled callback's record goes once old; a redelivery after that runs the handler
+    /// again (the documented trade: only a delivery delayed past the retention can do that,
+    /// while skipping would lose a first delivery after a long outage).
+    #[tokio::test]
+    async fn handled_callbacks_are_pruned_once_old() {
+        use crate::saga_state::{SagaPhase, SagaState};
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        let now = unix_now_ms();
+        let outcome = SagaState {
+            id: id(now - 3 * HOUR_MS, "cb"),
+            phase: SagaPhase::Completed,
+            terminal: true,
+            failed_step: String::new(),
+            reason: String::new(),
+            steps: Vec::new(),
+            stuck: false,
+            callback_delivered: false,
+            accepted_ms: now - 3 * HOUR_MS,
+        };
+        let delivery = p.saga_finished(bank::CALLBACK, &outcome).await.unwrap();
+        assert_eq!(delivery, crate::CallbackDelivery::Handled);
+        assert_eq!(
+            p.prune_once(now).await.unwrap().total(),
+            0,
+            "handled just now"
+        );
+        let stats = p.prune_once(now + 2 * HOUR_MS).await.unwrap();
+        assert_eq!(stats.callbacks, 1, "{stats:?}");
+        assert_eq!(counts(&p), [0, 0, 0]);
+        assert_eq!(
+            bank::saga_callbacks(p.db()).unwrap().len(),
+            1,
+            "the service's data stays"
+        );
+    }
+
     #[tokio::test]
     async fn without_retention_nothing_is_pruned() {
         let dir = tempfile::tempdir().unwrap();
