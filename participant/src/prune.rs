@@ -302,6 +302,16 @@ mod tests {
         [BRANCHES_VIEW, STEPS_VIEW, SAGA_CALLBACKS_VIEW].map(|view| p.log_tree(view).len())
     }
 
+    /// A bank with a one-hour retention and alice's account holding 1,000.
+    async fn bank_with_alice() -> (tempfile::TempDir, Participant) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        bank::ensure_accounts(&p, &[("alice".into(), 1_000)])
+            .await
+            .unwrap();
+        (dir, p)
+    }
+
     fn alice(p: &Participant) -> i64 {
         bank::balances(p.db()).unwrap()["alice"]
     }
@@ -310,11 +320,7 @@ mod tests {
     /// and records younger than the retention (by the id or by their last change) stay.
     #[tokio::test]
     async fn pruning_removes_old_finished_records_and_keeps_open_and_young_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = open(dir.path());
-        bank::ensure_accounts(&p, &[("alice".into(), 1_000)])
-            .await
-            .unwrap();
+        let (dir, p) = bank_with_alice().await;
         let now = unix_now_ms();
         let old = now - 3 * HOUR_MS;
         let (committed, aborted, prepared) = (id(old, "c"), id(old, "a"), id(old, "p"));
@@ -378,11 +384,7 @@ mod tests {
     /// compensation whose action's fate is no longer known is refused (never silently done).
     #[tokio::test]
     async fn late_duplicates_of_pruned_ids_are_answered_safely() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = open(dir.path());
-        bank::ensure_accounts(&p, &[("alice".into(), 1_000)])
-            .await
-            .unwrap();
+        let (_dir, p) = bank_with_alice().await;
         let now = unix_now_ms();
         let old = now - 3 * HOUR_MS;
         let (txn, saga) = (id(old, "t"), id(old, "s"));

@@ -131,6 +131,37 @@ fn key_id(key: &[u8], name: &str) -> Result<TxnId, LogError> {
         .ok_or_else(|| LogError::Storage(format!("malformed key {key:?} in {name}")))
 }
 
+/// Examines at most `scan_max` records of the pass's range; returns the pass (nothing
+/// removed yet) and the entries `terminal_since_ms` dates before the cutoff.
+fn judge_pass(
+    tree: &sled::Tree,
+    name: &str,
+    cutoff: &PruneCutoff,
+    after: Option<&TxnId>,
+    scan_max: usize,
+    terminal_since_ms: impl Fn(&TxnId, &[u8], &[u8]) -> Result<Option<u64>, LogError>,
+) -> Result<(PrunePass, Vec<(sled::IVec, sled::IVec)>), LogError> {
+    let mut pass = PrunePass::default();
+    let mut doomed = Vec::new();
+    let Some(range) = prune_range(tree, cutoff, after) else {
+        return Ok((pass, doomed));
+    };
+    for entry in range.take(scan_max) {
+        let (key, value) = entry.map_err(storage)?;
+        let id = key_id(&key, name)?;
+        pass.scanned += 1;
+        if terminal_since_ms(&id, &key, &value)?
+            .is_some_and(|since| since < cutoff.terminal_before_ms)
+        {
+            doomed.push((key, value));
+        }
+        if pass.scanned == scan_max {
+            pass.resume_after = Some(id);
+        }
+    }
+    Ok((pass, doomed))
+}
+
 impl TxnLog for SledLog {
     fn put(&self, txn: &TxnId, record: &TxnRecord) -> Result<(), LogError> {
         put_record(&self.txns, txn, record)
@@ -185,31 +216,19 @@ impl TxnLog for SledLog {
         after: Option<&TxnId>,
         scan_max: usize,
     ) -> Result<PrunePass, LogError> {
-        let mut pass = PrunePass::default();
-        let Some(range) = prune_range(&self.txns, cutoff, after) else {
-            return Ok(pass);
-        };
-        let mut doomed = Vec::new();
-        for entry in range {
-            if pass.scanned == scan_max {
-                break;
-            }
-            let (key, value) = entry.map_err(storage)?;
-            let id = key_id(&key, TXNS_TREE)?;
-            pass.scanned += 1;
-            let record: TxnRecord = decode(&key, &value)?;
-            if record
-                .terminal_since_ms()
-                .is_some_and(|since| since < cutoff.terminal_before_ms)
-            {
-                doomed.push((key, value));
-            }
-            if pass.scanned == scan_max {
-                pass.resume_after = Some(id);
-            }
-        }
+        let (mut pass, doomed) = judge_pass(
+            &self.txns,
+            TXNS_TREE,
+            cutoff,
+            after,
+            scan_max,
+            |_, key, value| {
+                let record: TxnRecord = decode(key, value)?;
+                Ok(record.terminal_since_ms())
+            },
+        )?;
         for (key, value) in doomed {
-            // Removed only if still the record judged terminal above.
+            // Removed only if still the record judged terminal.
             let swapped = self
                 .txns
                 .compare_and_swap(&key, Some(&value), None::<&[u8]>)
@@ -227,31 +246,19 @@ impl TxnLog for SledLog {
         after: Option<&TxnId>,
         scan_max: usize,
     ) -> Result<PrunePass, LogError> {
-        let mut pass = PrunePass::default();
-        let Some(range) = prune_range(&self.saga_specs, cutoff, after) else {
-            return Ok(pass);
-        };
-        let mut doomed = Vec::new();
-        for entry in range {
-            if pass.scanned == scan_max {
-                break;
-            }
-            let (key, value) = entry.map_err(storage)?;
-            let id = key_id(&key, SAGA_SPECS_TREE)?;
-            pass.scanned += 1;
-            let spec: SagaSpecRecord = decode(&key, &value)?;
-            let progress = get_record(&self.saga_progress, &id)?;
-            let stored = StoredSaga { spec, progress };
-            if stored
-                .terminal_since_ms()
-                .is_some_and(|since| since < cutoff.terminal_before_ms)
-            {
-                doomed.push(key);
-            }
-            if pass.scanned == scan_max {
-                pass.resume_after = Some(id);
-            }
-        }
+        let specs = &self.saga_specs;
+        let (mut pass, doomed) = judge_pass(
+            specs,
+            SAGA_SPECS_TREE,
+            cutoff,
+            after,
+            scan_max,
+            |id, key, value| {
+                let spec: SagaSpecRecord = decode(key, value)?;
+                let progress = get_record(&self.saga_progress, id)?;
+                Ok(StoredSaga { spec, progress }.terminal_since_ms())
+            },
+        )?;
         if doomed.is_empty() {
             return Ok(pass);
         }
@@ -259,7 +266,7 @@ impl TxnLog for SledLog {
         // and this transaction; both records go, or neither.
         (&self.saga_specs, &self.saga_progress)
             .transaction(|(specs, progress)| {
-                for key in &doomed {
+                for (key, _) in &doomed {
                     specs.remove(key.as_ref())?;
                     progress.remove(key.as_ref())?;
                 }

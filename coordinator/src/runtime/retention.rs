@@ -43,7 +43,7 @@ use tokio::sync::oneshot;
 
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
-use crate::log::{LogError, PruneCutoff, TxnLog};
+use crate::log::{LogError, PruneCutoff, PrunePass, TxnLog};
 
 /// Most records one prune pass examines (one call into the log).
 pub const PASS_SCAN_MAX: usize = 1_024;
@@ -112,31 +112,37 @@ pub fn prune_round(
     cutoff: &PruneCutoff,
     cursors: &mut Cursors,
 ) -> Result<RoundStats, LogError> {
-    let mut stats = RoundStats::default();
     let budget = ROUND_SCAN_MAX / 2;
-    let mut scanned = 0;
+    let (txns_scanned, txns_removed) = drain(&mut cursors.txns, budget, |after| {
+        log.prune_txns(cutoff, after, PASS_SCAN_MAX)
+    })?;
+    let (sagas_scanned, sagas_removed) = drain(&mut cursors.sagas, budget, |after| {
+        log.prune_sagas(cutoff, after, PASS_SCAN_MAX)
+    })?;
+    Ok(RoundStats {
+        scanned: txns_scanned + sagas_scanned,
+        txns_removed,
+        sagas_removed,
+    })
+}
+
+/// Runs passes from `cursor` until every candidate was examined or `budget` records were;
+/// leaves `cursor` where the next round resumes. Returns (scanned, removed).
+fn drain(
+    cursor: &mut Option<TxnId>,
+    budget: usize,
+    pass: impl Fn(Option<&TxnId>) -> Result<PrunePass, LogError>,
+) -> Result<(usize, usize), LogError> {
+    let (mut scanned, mut removed) = (0, 0);
     loop {
-        let pass = log.prune_txns(cutoff, cursors.txns.as_ref(), PASS_SCAN_MAX)?;
-        scanned += pass.scanned;
-        stats.txns_removed += pass.removed;
-        cursors.txns = pass.resume_after;
-        if cursors.txns.is_none() || scanned >= budget {
-            break;
+        let done = pass(cursor.as_ref())?;
+        scanned += done.scanned;
+        removed += done.removed;
+        *cursor = done.resume_after;
+        if cursor.is_none() || scanned >= budget {
+            return Ok((scanned, removed));
         }
     }
-    stats.scanned = scanned;
-    scanned = 0;
-    loop {
-        let pass = log.prune_sagas(cutoff, cursors.sagas.as_ref(), PASS_SCAN_MAX)?;
-        scanned += pass.scanned;
-        stats.sagas_removed += pass.removed;
-        cursors.sagas = pass.resume_after;
-        if cursors.sagas.is_none() || scanned >= budget {
-            break;
-        }
-    }
-    stats.scanned += scanned;
-    Ok(stats)
 }
 
 /// The running retention task; dropping it stops the task (the runtime holds it, so the task
