@@ -11,6 +11,7 @@
 //!   one `flush` + `fdatasync` among all concurrent writers;
 //! - [`backoff`]: capped exponential backoff with jitter, from a seeded generator;
 //! - [`crash`]: the `TANDEM_CRASH_AT` crash points the fault tests use;
+//! - [`duration`]: the one parser of durations typed on command lines (`10s`, `24h`);
 //! - [`child`]: starting a Tandem server as a child process and learning the port it bound
 //!   (benchmarks and end-to-end tests run every server as a real process).
 
@@ -18,6 +19,7 @@ pub mod backoff;
 pub mod child;
 pub mod codec;
 pub mod crash;
+pub mod duration;
 pub mod group_commit;
 pub mod ids;
 

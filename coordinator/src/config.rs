@@ -122,7 +122,15 @@ pub struct CoordinatorConfig {
     /// callbacks); a request naming any other is refused with PERMISSION_DENIED. An empty
     /// list allows nothing. Default: `[HostPattern::Loopback]`. See the module docs.
     pub participant_hosts_allowed: Vec<HostPattern>,
+    /// How long a terminal transaction or saga stays in the log (for `GetTransaction`,
+    /// `GetSaga` and retries) before the retention pass removes it; `None` keeps everything.
+    /// Must be at least `txn_id_age_ms_max` ([`CoordinatorConfig::check_retention`]).
+    /// Default: [`TERMINAL_RETENTION_MS_DEFAULT`]. See `crate::runtime::retention`.
+    pub terminal_retention_ms: Option<u64>,
 }
+
+/// Default of [`CoordinatorConfig::terminal_retention_ms`]: 7 days, the default id-age limit.
+pub const TERMINAL_RETENTION_MS_DEFAULT: u64 = 7 * 24 * 3600 * 1000;
 
 impl CoordinatorConfig {
     pub fn new(advertise: impl Into<String>) -> Self {
@@ -151,6 +159,25 @@ impl CoordinatorConfig {
             overload_retry_after_ms: 100,
             shutdown_grace: Duration::from_secs(10),
             participant_hosts_allowed: vec![HostPattern::Loopback],
+            terminal_retention_ms: Some(TERMINAL_RETENTION_MS_DEFAULT),
+        }
+    }
+
+    /// Checks that forgetting a terminal transaction is safe: its id must be refused by then.
+    /// A transaction is removed `terminal_retention_ms` after it ended, and its id is at least
+    /// that old; if ids that old were still accepted, a client's late retry of a forgotten id
+    /// would run the transaction a second time.
+    pub fn check_retention(&self) -> Result<(), String> {
+        match self.terminal_retention_ms {
+            Some(0) => Err("the retention must be positive (or absent: keep everything)".into()),
+            Some(retention_ms) if retention_ms < self.txn_id_age_ms_max => Err(format!(
+                "the retention ({retention_ms} ms) is shorter than the id-age limit ({} ms): \
+                 a transaction forgotten after {retention_ms} ms could be run again by a client \
+                 retrying its id, which is accepted until it is {} ms old; make the retention \
+                 at least the id-age limit (tandem serve --retention >= --txn-id-age-max)",
+                self.txn_id_age_ms_max, self.txn_id_age_ms_max
+            )),
+            Some(_) | None => Ok(()),
         }
     }
 

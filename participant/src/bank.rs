@@ -433,11 +433,15 @@ impl SagaCallbackHandler for CallbackLog {
 /// Opens a bank participant in `dir`: the 2PC resource [`RESOURCE`], the saga step
 /// [`SAGA_STEP`] and the saga callback handler [`CALLBACK`].
 pub fn open(dir: &Path) -> Result<Participant, Error> {
+    builder(dir).open()
+}
+
+/// The bank's participant, not yet opened (to set its configuration).
+pub fn builder(dir: &Path) -> crate::participant::ParticipantBuilder {
     Participant::builder(dir)
         .resource(RESOURCE, Bank)
         .saga_step(SAGA_STEP, BankStep)
         .saga_callback(CALLBACK, CallbackLog)
-        .open()
 }
 
 /// Marks the named accounts closed (they refuse credits from then on), durably.

@@ -15,6 +15,8 @@
 //! - [`participant`]: the [`Participant`]: the sled-backed branch and step logs, the barriers
 //!   applied in the same sled transaction as the service's writes, forced before any answer;
 //! - [`server`]: the `tandem.v1.Participant` gRPC endpoint, hosted with one call;
+//! - [`prune`]: the pruner that forgets barrier records older than the retention, and the
+//!   horizon that keeps late calls of forgotten ids safe;
 //! - [`in_doubt`]: the resolver that asks the coordinator about branches left prepared;
 //! - [`client`]: [`TandemClient`], which services use to start transactions and sagas;
 //! - [`bank`]: the sample service (accounts with holds; saga transfers; a callback log), used
@@ -30,6 +32,7 @@ pub mod client;
 pub mod error;
 pub mod in_doubt;
 pub mod participant;
+pub mod prune;
 pub mod resource;
 pub mod saga;
 pub mod saga_barrier;

@@ -50,9 +50,11 @@ pub const SAGA_CALLBACKS_TREE: &str = "tandem.participant.saga_callbacks";
 
 /// Where the SDK's own trees are among the views of a batch's transaction (it spans every
 /// tree of the participant: these three first, then the service's trees).
-const BRANCHES_VIEW: usize = 0;
-const STEPS_VIEW: usize = 1;
-const SAGA_CALLBACKS_VIEW: usize = 2;
+pub(crate) const BRANCHES_VIEW: usize = 0;
+pub(crate) const STEPS_VIEW: usize = 1;
+pub(crate) const SAGA_CALLBACKS_VIEW: usize = 2;
+/// The pruning horizon's tree ([`crate::prune::RETENTION_TREE`]).
+pub(crate) const RETENTION_VIEW: usize = 3;
 /// Prefix of the tree names the SDK reserves for itself.
 const RESERVED_TREE_PREFIX: &str = "tandem.";
 
@@ -66,6 +68,10 @@ pub struct ParticipantConfig {
     pub in_doubt_age_ms_min: u64,
     /// Timeout of one outcome query to the coordinator.
     pub coordinator_query_timeout_ms: u64,
+    /// How long decided branches, saga steps and handled callbacks are kept before the pruner
+    /// removes them (`None`: kept forever). Must exceed the longest saga's lifetime; see
+    /// [`crate::prune`]. Default: [`crate::prune::RETENTION_MS_DEFAULT`] (7 days).
+    pub retention_ms: Option<u64>,
 }
 
 impl Default for ParticipantConfig {
@@ -74,6 +80,7 @@ impl Default for ParticipantConfig {
             in_doubt_check_interval_ms: 1_000,
             in_doubt_age_ms_min: 5_000,
             coordinator_query_timeout_ms: 2_000,
+            retention_ms: Some(crate::prune::RETENTION_MS_DEFAULT),
         }
     }
 }
@@ -156,6 +163,7 @@ struct Inner {
     branches: sled::Tree,
     steps: sled::Tree,
     saga_callbacks: sled::Tree,
+    retention: sled::Tree,
     resources: BTreeMap<String, Hosted<dyn TwoPhaseResource>>,
     saga_steps: BTreeMap<String, Hosted<dyn CompensableResource>>,
     saga_callback_handlers: BTreeMap<String, Hosted<dyn SagaCallbackHandler>>,
@@ -220,12 +228,21 @@ impl ParticipantBuilder {
         self
     }
 
+    /// How long finished records are kept before they are pruned (`None`: forever); sets
+    /// [`ParticipantConfig::retention_ms`].
+    pub fn retention(mut self, retention: Option<std::time::Duration>) -> Self {
+        self.config.retention_ms =
+            retention.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
     /// Opens (or creates) the sled database and starts its flusher.
     pub fn open(self) -> Result<Participant, Error> {
         let db = group_commit::open_db(&self.dir)?;
         let branches = db.open_tree(BRANCHES_TREE)?;
         let steps = db.open_tree(STEPS_TREE)?;
         let saga_callbacks = db.open_tree(SAGA_CALLBACKS_TREE)?;
+        let retention = db.open_tree(crate::prune::RETENTION_TREE)?;
         // Every tree of the participant, each once (handlers may share one); the SDK's logs
         // first, at their `*_VIEW` positions.
         let mut all = TreeSet {
@@ -233,12 +250,19 @@ impl ParticipantBuilder {
                 BRANCHES_TREE.to_string(),
                 STEPS_TREE.to_string(),
                 SAGA_CALLBACKS_TREE.to_string(),
+                crate::prune::RETENTION_TREE.to_string(),
             ],
-            trees: vec![branches.clone(), steps.clone(), saga_callbacks.clone()],
+            trees: vec![
+                branches.clone(),
+                steps.clone(),
+                saga_callbacks.clone(),
+                retention.clone(),
+            ],
         };
         debug_assert_eq!(all.names[BRANCHES_VIEW], BRANCHES_TREE);
         debug_assert_eq!(all.names[STEPS_VIEW], STEPS_TREE);
         debug_assert_eq!(all.names[SAGA_CALLBACKS_VIEW], SAGA_CALLBACKS_TREE);
+        debug_assert_eq!(all.names[RETENTION_VIEW], crate::prune::RETENTION_TREE);
         let resources = all.host(&db, "resource", self.resources, |r| r.trees())?;
         let saga_steps = all.host(&db, "saga step", self.saga_steps, |s| s.trees())?;
         let saga_callback_handlers =
@@ -252,6 +276,7 @@ impl ParticipantBuilder {
                 branches,
                 steps,
                 saga_callbacks,
+                retention,
                 resources,
                 saga_steps,
                 saga_callback_handlers,
@@ -288,7 +313,10 @@ fn parse_branch_key(key: &[u8]) -> Option<(TxnId, BranchIdx)> {
     Some((txn, BranchIdx(branch)))
 }
 
-fn read_record<R: DeserializeOwned>(log: &TransactionalTree, key: &[u8]) -> TxResult<Option<R>> {
+pub(crate) fn read_record<R: DeserializeOwned>(
+    log: &TransactionalTree,
+    key: &[u8],
+) -> TxResult<Option<R>> {
     match log.get(key)? {
         Some(bytes) => codec::decode(&bytes)
             .map(Some)
@@ -377,6 +405,25 @@ impl Participant {
         &self.inner.dir
     }
 
+    /// One of the SDK's own trees, by its view index (`BRANCHES_VIEW`, ...).
+    pub(crate) fn log_tree(&self, view: usize) -> &sled::Tree {
+        match view {
+            BRANCHES_VIEW => &self.inner.branches,
+            STEPS_VIEW => &self.inner.steps,
+            SAGA_CALLBACKS_VIEW => &self.inner.saga_callbacks,
+            RETENTION_VIEW => &self.inner.retention,
+            other => unreachable!("view {other} is not one of the SDK's trees"),
+        }
+    }
+
+    /// Runs `body` in the next batch, like every call (pruning uses it).
+    pub(crate) async fn run_in_batch<T: Send + 'static>(
+        &self,
+        body: crate::batch::Body<T>,
+    ) -> Result<T, Error> {
+        self.inner.batcher.run(body).await
+    }
+
     /// Waits until everything written so far is durable.
     pub async fn flush(&self) -> Result<(), Error> {
         Ok(self.inner.flusher.flush().await?)
@@ -455,6 +502,13 @@ impl Participant {
                 );
                 return Ok((Vote::No { reason }, false));
             }
+        }
+        if recorded.is_none() && crate::prune::forgotten(views, &ctx.txn)? {
+            let reason = format!(
+                "branch {} {} is older than this participant's retention; its records may have been pruned",
+                ctx.txn, ctx.branch
+            );
+            return Ok((Vote::No { reason }, false));
         }
         match barrier::decide(recorded.as_ref(), Call::Prepare) {
             Action::RunPrepare => {
@@ -543,6 +597,11 @@ impl Participant {
                     "branch {txn} {branch} was prepared for resource {prepared_for:?}, not {resource:?}"
                 ))));
             }
+        }
+        if recorded.is_none() && crate::prune::forgotten(views, txn)? {
+            // A pruned branch was decided here (a prepared one is never pruned): a commit is
+            // a redelivery; an abort has nothing to hold back (a late prepare votes NO).
+            return Ok(false);
         }
         let service = hosted.service_trees(views);
         match barrier::decide(recorded.as_ref(), call) {

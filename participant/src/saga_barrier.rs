@@ -25,8 +25,8 @@
 //! This module is pure; [`crate::participant`] applies its answer inside the sled transaction
 //! that reads the record, together with the service's writes.
 //!
-//! Known limitation: step records are never removed (as branch records are not): the log
-//! grows with the number of steps served.
+//! Step records are removed once older than the participant's retention ([`crate::prune`]);
+//! a call for a step whose record may have been removed is answered there, before this table.
 
 use serde::{Deserialize, Serialize};
 

@@ -236,13 +236,15 @@ impl Participant {
         })
     }
 
-    /// Hosts the endpoint on `listener` and runs the in-doubt resolver until `shutdown`.
+    /// Hosts the endpoint on `listener` and runs the in-doubt resolver and the pruner until
+    /// `shutdown`.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
         let resolver = self.spawn_in_doubt_resolver();
+        let pruner = self.spawn_pruner();
         // Accepted sockets get TCP_NODELAY here: `Server::tcp_nodelay` only reaches sockets
         // tonic binds itself, and without it Nagle meets delayed ACKs (40 ms per call).
         let server = tonic::transport::Server::builder()
@@ -255,6 +257,9 @@ impl Participant {
         // awaits `serve` (under `#[tokio::main]`, the main thread, which is no worker).
         let served = tokio::spawn(server).await;
         resolver.abort();
+        if let Some(pruner) = pruner {
+            pruner.abort();
+        }
         served
             .map_err(|e| Error::Unavailable(format!("participant server task failed: {e}")))?
             .map_err(|e| Error::Unavailable(format!("participant server failed: {e}")))

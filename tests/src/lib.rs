@@ -92,11 +92,11 @@ pub fn binaries() -> &'static Binaries {
 #[derive(Debug, Clone)]
 enum Kind {
     /// A coordinator, with extra `tandem serve` arguments.
-    Coordinator {
-        args: Vec<String>,
-    },
+    Coordinator { args: Vec<String> },
     Bank {
         accounts: String,
+        /// Extra `tandem-bank serve` arguments.
+        args: Vec<String>,
     },
 }
 
@@ -133,9 +133,22 @@ impl Node {
 
     /// A bank on a fresh port with `accounts` (e.g. "alice=100,bob=50") in `dir`.
     pub async fn bank(name: &str, dir: &Path, accounts: &str, crash_at: Option<&str>) -> Node {
+        Node::bank_with_args(name, dir, accounts, &[], crash_at).await
+    }
+
+    /// A bank as [`Node::bank`] makes it, with extra `tandem-bank serve` arguments (for
+    /// example `["--retention", "1s"]`), kept across restarts.
+    pub async fn bank_with_args(
+        name: &str,
+        dir: &Path,
+        accounts: &str,
+        args: &[&str],
+        crash_at: Option<&str>,
+    ) -> Node {
         let mut node = Node {
             kind: Kind::Bank {
                 accounts: accounts.into(),
+                args: args.iter().map(|a| a.to_string()).collect(),
             },
             name: name.into(),
             dir: dir.to_path_buf(),
@@ -159,7 +172,7 @@ impl Node {
                     .args(args);
                 c
             }
-            Kind::Bank { accounts } => {
+            Kind::Bank { accounts, args } => {
                 let mut c = tokio::process::Command::new(&bins.bank);
                 c.args([
                     "serve",
@@ -169,7 +182,8 @@ impl Node {
                     accounts,
                     "--data-dir",
                 ])
-                .arg(&self.dir);
+                .arg(&self.dir)
+                .args(args);
                 c
             }
         };

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tandem_common::TxnId;
 
 use super::record::{bounded_push, History, HistoryEntry, SagaSpecRecord, StoredSaga, TxnRecord};
-use super::{FlushFuture, LogError, TxnLog};
+use super::{id_key_bound, FlushFuture, LogError, PruneCutoff, PrunePass, TxnLog};
 use crate::engine::saga::SagaProgress;
 
 #[derive(Default, Clone)]
@@ -137,4 +137,87 @@ impl TxnLog for MemLog {
     fn size_on_disk(&self) -> u64 {
         0
     }
+
+    fn prune_txns(
+        &self,
+        cutoff: &PruneCutoff,
+        after: Option<&TxnId>,
+        scan_max: usize,
+    ) -> Result<PrunePass, LogError> {
+        let mut state = self.state.lock().unwrap();
+        let records = &mut state.visible;
+        let (pass, doomed) = judge(records.txns.iter(), cutoff, after, scan_max, |record| {
+            record.terminal_since_ms()
+        });
+        for id in &doomed {
+            records.txns.remove(id);
+            records.history.remove(id);
+        }
+        Ok(pass)
+    }
+
+    fn prune_sagas(
+        &self,
+        cutoff: &PruneCutoff,
+        after: Option<&TxnId>,
+        scan_max: usize,
+    ) -> Result<PrunePass, LogError> {
+        let mut state = self.state.lock().unwrap();
+        let records = &mut state.visible;
+        let sagas: Vec<(TxnId, StoredSaga)> = records
+            .saga_specs
+            .iter()
+            .map(|(id, spec)| {
+                let progress = records.saga_progress.get(id).cloned();
+                let stored = StoredSaga {
+                    spec: spec.clone(),
+                    progress,
+                };
+                (id.clone(), stored)
+            })
+            .collect();
+        let (pass, doomed) = judge(
+            sagas.iter().map(|(id, saga)| (id, saga)),
+            cutoff,
+            after,
+            scan_max,
+            StoredSaga::terminal_since_ms,
+        );
+        for id in &doomed {
+            records.saga_specs.remove(id);
+            records.saga_progress.remove(id);
+            records.history.remove(id);
+        }
+        Ok(pass)
+    }
+}
+
+/// The ids of one bounded pass over `records` (in id order) that are terminal and old.
+fn judge<'a, R: 'a>(
+    records: impl Iterator<Item = (&'a TxnId, &'a R)>,
+    cutoff: &PruneCutoff,
+    after: Option<&TxnId>,
+    scan_max: usize,
+    terminal_since_ms: impl Fn(&R) -> Option<u64>,
+) -> (PrunePass, Vec<TxnId>) {
+    let bound = id_key_bound(cutoff.id_created_before_ms);
+    let mut pass = PrunePass::default();
+    let mut doomed = Vec::new();
+    let candidates = records
+        .skip_while(|(id, _)| after.is_some_and(|after| *id <= after))
+        .take_while(|(id, _)| id.as_str() < bound.as_str());
+    for (id, record) in candidates {
+        if pass.scanned == scan_max {
+            break;
+        }
+        pass.scanned += 1;
+        if terminal_since_ms(record).is_some_and(|since| since < cutoff.terminal_before_ms) {
+            doomed.push(id.clone());
+        }
+        if pass.scanned == scan_max {
+            pass.resume_after = Some(id.clone());
+        }
+    }
+    pass.removed = doomed.len();
+    (pass, doomed)
 }

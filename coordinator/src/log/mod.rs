@@ -18,6 +18,15 @@
 //!   reorder them); `history` returns the entries oldest first, at most
 //!   [`record::HISTORY_ENTRIES_MAX`] (the first [`record::HISTORY_HEAD_KEPT`] and the latest).
 //!   The protocol never reads it; a log written before histories existed has none.
+//! - `prune_txns` and `prune_sagas` remove terminal records that are old by both measures of a
+//!   [`PruneCutoff`], and nothing else: never a record that is not terminal (2PC: `Finished`
+//!   or `PresumedAborted`; a saga: terminal with its callback delivered), never a young one.
+//!   A removal is visible at once and durable after a later flush, like a `put`; a crash may
+//!   bring a removed record back (it is then removed again), never take a kept one away. A
+//!   saga's spec and progress go together (a spec left without its progress would look like
+//!   a saga never started, and recovery would run it again). Each call examines at most
+//!   `scan_max` records, so a caller bounds the work of one pass (see
+//!   `crate::runtime::retention` for why removing these records is safe).
 //!
 //! Implementations: [`sled_log::SledLog`] (the embedded default: sled plus the group-commit
 //! flusher that fdatasyncs) and [`mem_log::MemLog`] (in memory, with a `crash` that drops what
@@ -54,6 +63,36 @@ pub enum LogError {
     Flush(#[from] tandem_common::FlushError),
 }
 
+/// Which terminal records a prune pass may remove: those old by both measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneCutoff {
+    /// The record's terminal time is before this (ms since the Unix epoch). 2PC: the
+    /// `Finished` record's `finished_ms` or the `PresumedAborted` record's `presumed_ms`; a
+    /// saga: the latest time its log knows of (acceptance, or the first send of a step).
+    pub terminal_before_ms: u64,
+    /// The id was created before this (ms since the Unix epoch). Ids this old are refused,
+    /// so forgetting one can never let it name a new transaction or saga.
+    pub id_created_before_ms: u64,
+}
+
+/// What one bounded prune pass did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PrunePass {
+    /// Records examined (at most the pass's `scan_max`).
+    pub scanned: usize,
+    /// Transactions (or sagas) removed.
+    pub removed: usize,
+    /// The last id examined, if the pass stopped at `scan_max` with more candidates left:
+    /// the next pass starts after it. `None`: every candidate was examined.
+    pub resume_after: Option<TxnId>,
+}
+
+/// The first key not covered by `id_created_before_ms`: ids are `<13-digit ms>-<suffix>`, so
+/// in key order every id created before `ms` sorts before this prefix, and no other does.
+pub(crate) fn id_key_bound(ms: u64) -> String {
+    format!("{ms:013}")
+}
+
 /// A pending flush: resolves once everything put before it was created is durable.
 pub type FlushFuture = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send>>;
 
@@ -83,4 +122,20 @@ pub trait TxnLog: Send + Sync + 'static {
     fn history(&self, id: &TxnId) -> Result<History, LogError>;
     /// How many bytes the log occupies on disk (0 where that means nothing).
     fn size_on_disk(&self) -> u64;
+    /// Removes terminal 2PC records older than `cutoff`, examining at most `scan_max` records
+    /// in id order, starting after `after` (see the module documentation).
+    fn prune_txns(
+        &self,
+        cutoff: &PruneCutoff,
+        after: Option<&TxnId>,
+        scan_max: usize,
+    ) -> Result<PrunePass, LogError>;
+    /// Removes finished sagas (spec and progress together) older than `cutoff`, examining at
+    /// most `scan_max` sagas in id order, starting after `after`.
+    fn prune_sagas(
+        &self,
+        cutoff: &PruneCutoff,
+        after: Option<&TxnId>,
+        scan_max: usize,
+    ) -> Result<PrunePass, LogError>;
 }

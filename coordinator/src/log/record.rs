@@ -82,6 +82,18 @@ impl TxnRecord {
         }
     }
 
+    /// When the transaction became terminal (nothing left to do, no participant left to
+    /// ask about it), if it is: `Finished` (every branch acknowledged) and `PresumedAborted`.
+    /// A `Decided` record is not terminal even for an abort: a branch that has not
+    /// acknowledged may still be prepared, and a committed one may still ask.
+    pub fn terminal_since_ms(&self) -> Option<u64> {
+        match self {
+            TxnRecord::Finished { finished_ms, .. } => Some(*finished_ms),
+            TxnRecord::PresumedAborted { presumed_ms } => Some(*presumed_ms),
+            TxnRecord::Preparing { .. } | TxnRecord::Decided { .. } => None,
+        }
+    }
+
     /// Nothing is left to do for this transaction.
     pub fn is_finished(&self) -> bool {
         match self {
@@ -224,4 +236,18 @@ pub fn bounded_push(entries: &mut Vec<HistoryEntry>, entry: HistoryEntry) -> Opt
     });
     entries.push(entry);
     dropped
+}
+
+impl StoredSaga {
+    /// If nothing is left to do for the saga (terminal, its callback delivered or none), the
+    /// latest time its log knows of: its acceptance or the first send of a step's action (the
+    /// stored progress carries no end time).
+    pub fn terminal_since_ms(&self) -> Option<u64> {
+        let progress = self.progress.as_ref()?;
+        if !progress.is_finished(&self.spec.spec) {
+            return None;
+        }
+        let last_send = progress.steps.iter().filter_map(|s| s.first_sent_ms).max();
+        Some(last_send.unwrap_or(0).max(self.spec.accepted_ms))
+    }
 }

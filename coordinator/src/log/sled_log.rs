@@ -1,7 +1,15 @@
 //! The embedded default log: one sled tree keyed by transaction id, made durable by the
 //! group-commit flusher (`sled::Db::flush` followed by `fdatasync` of the data file).
+//!
+//! Pruning reads the candidates (a key range: ids sort by creation time) and removes each
+//! 2PC record with a compare-and-swap against the value it judged, so a record rewritten
+//! meanwhile is never removed; a saga's spec and progress are removed in one sled
+//! transaction, so no crash can leave a spec without its progress.
 
+use std::ops::Bound;
 use std::path::Path;
+
+use sled::Transactional;
 
 use tandem_common::{codec, group_commit, GroupCommit, TxnId, RECORD_BYTES_MAX};
 
@@ -9,7 +17,7 @@ use super::record::{
     History, HistoryEntry, SagaSpecRecord, StoredSaga, TxnRecord, HISTORY_ENTRIES_MAX,
     HISTORY_HEAD_KEPT,
 };
-use super::{FlushFuture, LogError, TxnLog};
+use super::{id_key_bound, FlushFuture, LogError, PruneCutoff, PrunePass, TxnLog};
 use crate::engine::saga::SagaProgress;
 
 /// The tree holding one record per transaction.
@@ -74,6 +82,29 @@ fn history_key(id: &TxnId, marker: u8) -> Vec<u8> {
     key
 }
 
+impl SledLog {
+    /// Removes the history of the transaction or saga keyed `id` (its entries and its
+    /// truncation mark). Called before its record goes, so that a crash between the two
+    /// leaves a record without history (pruned again at the next pass), never a history
+    /// without a record.
+    fn remove_history(&self, id: &[u8]) -> Result<(), LogError> {
+        let mut prefix = id.to_vec();
+        prefix.push(0);
+        let entries: Vec<sled::IVec> = self
+            .history
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        for key in entries {
+            self.history.remove(key).map_err(storage)?;
+        }
+        *prefix.last_mut().expect("the marker byte") = 1;
+        self.history.remove(prefix).map_err(storage)?;
+        Ok(())
+    }
+}
+
 fn storage(e: sled::Error) -> LogError {
     LogError::Storage(e.to_string())
 }
@@ -112,13 +143,65 @@ fn scan_records<T: serde::de::DeserializeOwned>(
     let mut records = Vec::new();
     for entry in tree.iter() {
         let (key, value) = entry.map_err(storage)?;
-        let id = std::str::from_utf8(&key)
-            .ok()
-            .and_then(|k| TxnId::parse(k).ok())
-            .ok_or_else(|| LogError::Storage(format!("malformed key {key:?} in {name}")))?;
+        let id = key_id(&key, name)?;
         records.push((id, decode(&key, &value)?));
     }
     Ok(records)
+}
+
+/// The keys a prune pass examines: after `after`, before the cutoff's id bound. Empty (not a
+/// panic) when `after` is already past the bound, as after the clock stepped back.
+fn prune_range(
+    tree: &sled::Tree,
+    cutoff: &PruneCutoff,
+    after: Option<&TxnId>,
+) -> Option<sled::Iter> {
+    let upper = id_key_bound(cutoff.id_created_before_ms);
+    let lower = match after {
+        Some(after) if after.as_str() >= upper.as_str() => return None,
+        Some(after) => Bound::Excluded(after.as_str().as_bytes().to_vec()),
+        None => Bound::Unbounded,
+    };
+    Some(tree.range::<Vec<u8>, _>((lower, Bound::Excluded(upper.into_bytes()))))
+}
+
+/// Parses a key of the log's trees back into its id.
+fn key_id(key: &[u8], name: &str) -> Result<TxnId, LogError> {
+    std::str::from_utf8(key)
+        .ok()
+        .and_then(|k| TxnId::parse(k).ok())
+        .ok_or_else(|| LogError::Storage(format!("malformed key {key:?} in {name}")))
+}
+
+/// Examines at most `scan_max` records of the pass's range; returns the pass (nothing
+/// removed yet) and the entries `terminal_since_ms` dates before the cutoff.
+fn judge_pass(
+    tree: &sled::Tree,
+    name: &str,
+    cutoff: &PruneCutoff,
+    after: Option<&TxnId>,
+    scan_max: usize,
+    terminal_since_ms: impl Fn(&TxnId, &[u8], &[u8]) -> Result<Option<u64>, LogError>,
+) -> Result<(PrunePass, Vec<(sled::IVec, sled::IVec)>), LogError> {
+    let mut pass = PrunePass::default();
+    let mut doomed = Vec::new();
+    let Some(range) = prune_range(tree, cutoff, after) else {
+        return Ok((pass, doomed));
+    };
+    for entry in range.take(scan_max) {
+        let (key, value) = entry.map_err(storage)?;
+        let id = key_id(&key, name)?;
+        pass.scanned += 1;
+        if terminal_since_ms(&id, &key, &value)?
+            .is_some_and(|since| since < cutoff.terminal_before_ms)
+        {
+            doomed.push((key, value));
+        }
+        if pass.scanned == scan_max {
+            pass.resume_after = Some(id);
+        }
+    }
+    Ok((pass, doomed))
 }
 
 impl TxnLog for SledLog {
@@ -208,5 +291,76 @@ impl TxnLog for SledLog {
 
     fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn prune_txns(
+        &self,
+        cutoff: &PruneCutoff,
+        after: Option<&TxnId>,
+        scan_max: usize,
+    ) -> Result<PrunePass, LogError> {
+        let (mut pass, doomed) = judge_pass(
+            &self.txns,
+            TXNS_TREE,
+            cutoff,
+            after,
+            scan_max,
+            |_, key, value| {
+                let record: TxnRecord = decode(key, value)?;
+                Ok(record.terminal_since_ms())
+            },
+        )?;
+        for (key, value) in doomed {
+            self.remove_history(&key)?;
+            // Removed only if still the record judged terminal.
+            let swapped = self
+                .txns
+                .compare_and_swap(&key, Some(&value), None::<&[u8]>)
+                .map_err(storage)?;
+            if swapped.is_ok() {
+                pass.removed += 1;
+            }
+        }
+        Ok(pass)
+    }
+
+    fn prune_sagas(
+        &self,
+        cutoff: &PruneCutoff,
+        after: Option<&TxnId>,
+        scan_max: usize,
+    ) -> Result<PrunePass, LogError> {
+        let specs = &self.saga_specs;
+        let (mut pass, doomed) = judge_pass(
+            specs,
+            SAGA_SPECS_TREE,
+            cutoff,
+            after,
+            scan_max,
+            |id, key, value| {
+                let spec: SagaSpecRecord = decode(key, value)?;
+                let progress = get_record(&self.saga_progress, id)?;
+                Ok(StoredSaga { spec, progress }.terminal_since_ms())
+            },
+        )?;
+        if doomed.is_empty() {
+            return Ok(pass);
+        }
+        for (key, _) in &doomed {
+            self.remove_history(key)?;
+        }
+        // A finished saga is never written again, so nothing can change between the read above
+        // and this transaction; both records go, or neither.
+        (&self.saga_specs, &self.saga_progress)
+            .transaction(|(specs, progress)| {
+                for (key, _) in &doomed {
+                    specs.remove(key.as_ref())?;
+                    progress.remove(key.as_ref())?;
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| LogError::Storage(format!("removing finished sagas: {e:?}")))?;
+        pass.removed = doomed.len();
+        Ok(pass)
     }
 }

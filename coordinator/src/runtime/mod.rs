@@ -22,8 +22,12 @@
 //! Sagas have their own engine ([`SagaEngine`]) driven by the same loop, with the same rules:
 //! the forced spec write completes before the submitter hears "accepted", progress is written
 //! lazily, and every effect is carried out here. The saga half lives in [`sagas`].
+//!
+//! Terminal records leave the log after the configured retention ([`retention`]: a task the
+//! runtime starts and stops, working off this loop).
 
 mod admin;
+pub mod retention;
 mod sagas;
 
 pub use admin::{
@@ -226,6 +230,9 @@ pub fn start(
     transport: Arc<dyn ParticipantTransport>,
     config: CoordinatorConfig,
 ) -> Result<(CoordinatorHandle, RuntimeTask), CoordinatorError> {
+    config
+        .check_retention()
+        .map_err(CoordinatorError::InvalidArgument)?;
     let (commands_tx, commands) = mpsc::channel(config.request_queue_max);
     let (events_tx, events) = mpsc::unbounded_channel();
     let engine = Engine::new(
@@ -252,8 +259,10 @@ pub fn start(
         timer_seq: 0,
         events_tx,
         sagas: sagas::SagaSide::new(saga_engine),
+        retention: None,
     };
     runtime.recover()?;
+    runtime.retention = retention::spawn(runtime.log.clone(), &runtime.config);
     let runtime_queue_max = runtime.config.request_queue_max;
     let runtime_retry_after_ms = runtime.config.overload_retry_after_ms;
     let (stop, stop_rx) = oneshot::channel();
@@ -290,6 +299,8 @@ struct Runtime {
     events_tx: mpsc::UnboundedSender<LoopEvent>,
     /// The saga engine and the clients waiting on sagas.
     sagas: sagas::SagaSide,
+    /// The retention task; it stops when the loop ends and drops this.
+    retention: Option<retention::RetentionTask>,
 }
 
 /// Stops the process: the log can no longer prove what it wrote.
@@ -504,6 +515,11 @@ impl Runtime {
             return;
         }
         let now = unix_now_ms();
+        // The log was read above: an id too old to start may name a forgotten transaction.
+        if let Err(e) = retention::check_id_fresh(&txn, &self.config, now) {
+            let _ = reply.send(Err(e));
+            return;
+        }
         self.waiters.entry(txn.clone()).or_default().push(reply);
         let effects = self.engine.step(
             now,

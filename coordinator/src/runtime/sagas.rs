@@ -312,6 +312,11 @@ impl Runtime {
             }
             Ok(None) => {}
         }
+        // The log was read above: an id too old to start may name a forgotten saga.
+        if let Err(e) = super::retention::check_id_fresh(&saga, &self.config, unix_now_ms()) {
+            let _ = reply.send(Err(e));
+            return;
+        }
         let in_flight = self.sagas.engine.in_flight();
         if in_flight >= self.config.saga_in_flight_max {
             let _ = reply.send(Err(CoordinatorError::Overloaded {

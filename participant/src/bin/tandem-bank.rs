@@ -55,6 +55,12 @@ enum Command {
         /// Accounts to mark closed (they refuse credits), e.g. `carol,dave`.
         #[arg(long, default_value = "")]
         closed: String,
+        /// How long decided branches, saga steps and handled callbacks are kept before they
+        /// are pruned: a duration like 24h or 7d, or `forever`. Must exceed the longest
+        /// saga's lifetime (a compensation of a saga older than this is refused).
+        #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = tandem_common::duration::parse_retention)]
+        // Spelled out so that clap takes the parser's `Option` as the value (None: forever).
+        retention: std::option::Option<Duration>,
     },
     /// Transfer money as one two-phase-commit transaction, or with --saga as a saga.
     Transfer {
@@ -275,12 +281,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             accounts,
             closed,
+            retention,
         } => {
             let accounts =
                 bank::parse_accounts(&accounts).map_err(|e| anyhow!("--accounts: {e}"))?;
             let closed = parse_names(&closed).map_err(|e| anyhow!("--closed: {e}"))?;
-            let participant =
-                bank::open(&data_dir).with_context(|| format!("opening {}", data_dir.display()))?;
+            let participant = bank::builder(&data_dir)
+                .retention(retention)
+                .open()
+                .with_context(|| format!("opening {}", data_dir.display()))?;
             let created = bank::ensure_accounts(&participant, &accounts).await?;
             bank::close_accounts(&participant, &closed).await?;
             let listener = tokio::net::TcpListener::bind(&listen)

@@ -179,6 +179,10 @@ impl Participant {
         let key = step_key(&ctx.saga, ctx.step);
         let log = &views[STEPS_VIEW];
         let recorded: Option<StepRecord> = read_record(log, &key)?;
+        if recorded.is_none() && crate::prune::forgotten(views, &ctx.saga)? {
+            let reason = crate::prune::FORGOTTEN_REASON.to_string();
+            return Ok((StepOutcome::Failed { reason }, false));
+        }
         match saga_barrier::decide(recorded.as_ref(), StepCall::Act) {
             StepDecision::RunAction => {
                 let service = hosted.service_trees(views);
@@ -249,6 +253,12 @@ impl Participant {
                     ),
                 )));
             }
+        }
+        if recorded.is_none() && crate::prune::forgotten(views, &ctx.saga)? {
+            return Err(ConflictableTransactionError::Abort(Abandon::Refused(format!(
+                "saga {} step {} is older than this participant's retention and its record may have been pruned: whether its action took effect here is unknown; compensate it by hand",
+                ctx.saga, ctx.step
+            ))));
         }
         match saga_barrier::decide(recorded.as_ref(), StepCall::Compensate) {
             StepDecision::RunCompensation => {

@@ -94,27 +94,7 @@ pub struct ParticipantArgs {
     accounts: u32,
 }
 
-/// Parses `10s`, `500ms`, `2m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 10s, 500ms or 2m"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(number),
-        "s" | "" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number * 60),
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
-    };
-    if duration.is_zero() {
-        return Err(format!("{text:?}: the duration must be positive"));
-    }
-    Ok(duration)
-}
+pub use tandem_common::duration::parse_duration;
 
 const RPCS_PER_TRANSFER: f64 = 5.0;
 const BALANCE: i64 = 1_000_000_000;
@@ -518,19 +498,4 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
     }
     drop(cluster);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_or_name_the_problem() {
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
-    }
 }

@@ -20,6 +20,7 @@ use anyhow::{bail, Context};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+use tandem_common::duration::{millis, parse_duration, parse_retention};
 use tandem_coordinator::config::{format_host_patterns, parse_host_patterns, RETRY_DELAY_MS_MAX};
 use tandem_coordinator::{daemon, CoordinatorConfig};
 
@@ -66,6 +67,11 @@ pub struct ServeConfig {
     /// Hosts the coordinator may call as participants, comma-separated (see
     /// `tandem serve --help`).
     pub allow_participants: String,
+    /// How long finished transactions and sagas stay in the log before they are removed: a
+    /// duration (`24h`, `7d`) or `forever`. At least `txn_id_age_max`.
+    pub retention: String,
+    /// Transaction and saga ids older than this are refused, so that an id is never reused.
+    pub txn_id_age_max: String,
 }
 
 impl Default for ServeConfig {
@@ -89,6 +95,8 @@ impl Default for ServeConfig {
             overload_retry_after_ms: engine.overload_retry_after_ms,
             shutdown_grace_ms: 10_000,
             allow_participants: format_host_patterns(&engine.participant_hosts_allowed),
+            retention: "7d".into(),
+            txn_id_age_max: "7d".into(),
         }
     }
 }
@@ -192,6 +200,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "LIST", verbatim_doc_comment)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_participants: Option<String>,
+    /// How long finished transactions and sagas stay in the log (for `GetTransaction`,
+    /// `GetSaga`, `tandem txn show` and retries) before they are removed: a duration like
+    /// 24h or 7d, or `forever` to keep everything [default: 7d]. At least --txn-id-age-max.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
+    /// Transaction and saga ids older than this are refused, so that an id is never reused
+    /// (a duration like 1h or 7d) [default: 7d]. At most --retention.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub txn_id_age_max: Option<String>,
 }
 
 /// The names of every configuration key, from the defaults' own serialisation (so the list
@@ -320,7 +339,30 @@ fn validate(c: &ServeConfig) -> anyhow::Result<()> {
     if let Err(e) = parse_host_patterns(&c.allow_participants) {
         refuse("allow_participants", e)?;
     }
+    let (retention, id_age_max) = retention_and_id_age(c)?;
+    let mut engine = CoordinatorConfig::new(String::new());
+    engine.terminal_retention_ms = retention;
+    engine.txn_id_age_ms_max = id_age_max;
+    if let Err(e) = engine.check_retention() {
+        refuse("retention", e)?;
+    }
     Ok(())
+}
+
+/// `retention` (`None`: forever) and `txn_id_age_max`, in ms.
+fn retention_and_id_age(c: &ServeConfig) -> anyhow::Result<(Option<u64>, u64)> {
+    let retention = parse_retention(&c.retention).map_err(|e| {
+        anyhow::anyhow!("configuration key `retention` (--retention, TANDEM_RETENTION): {e}")
+    })?;
+    let id_age_max = parse_duration(&c.txn_id_age_max).map_err(|e| {
+        anyhow::anyhow!(
+            "configuration key `txn_id_age_max` (--txn-id-age-max, TANDEM_TXN_ID_AGE_MAX): {e}"
+        )
+    })?;
+    if id_age_max.is_zero() {
+        bail!("configuration key `txn_id_age_max` (--txn-id-age-max, TANDEM_TXN_ID_AGE_MAX): must be positive");
+    }
+    Ok((retention.map(millis), millis(id_age_max)))
 }
 
 /// The configuration as `--print-config` shows it.
@@ -376,6 +418,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.request_queue_max = settings.request_queue_max;
     config.overload_retry_after_ms = settings.overload_retry_after_ms;
     config.shutdown_grace = Duration::from_millis(settings.shutdown_grace_ms);
+    (config.terminal_retention_ms, config.txn_id_age_ms_max) = retention_and_id_age(&settings)?;
     tracing::info!(
         allowed = %format_host_patterns(&participant_hosts_allowed),
         "participant hosts allowed"
@@ -457,6 +500,8 @@ mod tests {
                 "`allow_participants`",
             ),
             ("listen = [1, 2]\n", "`listen`"),
+            ("retention = \"1h\"\n", "`retention` (--retention, TANDEM_RETENTION): the retention"),
+            ("txn_id_age_max = \"soon\"\n", "`txn_id_age_max`"),
             ("listen = \n", "tandem.toml"),
         ];
         for (text, expected) in cases {
