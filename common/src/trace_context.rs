@@ -82,6 +82,19 @@ impl TraceContext {
         })
     }
 
+    /// Reads a `traceparent` that came from outside, if there is one. A malformed one is
+    /// ignored (logged at debug): the W3C recommendation is to start a new trace then, never
+    /// to fail the request.
+    pub fn from_incoming(text: Option<&str>) -> Option<Self> {
+        match TraceContext::parse(text?) {
+            Ok(trace) => Some(trace),
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring a malformed traceparent");
+                None
+            }
+        }
+    }
+
     /// A new trace, sampled, for a transaction that arrived without one.
     pub fn new_root() -> Self {
         let high = next_id();

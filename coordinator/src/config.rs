@@ -114,6 +114,9 @@ pub struct CoordinatorConfig {
     /// callbacks); a request naming any other is refused with PERMISSION_DENIED. An empty
     /// list allows nothing. Default: `[HostPattern::Loopback]`. See the module docs.
     pub participant_hosts_allowed: Vec<HostPattern>,
+    /// Where the runtime and the log's flusher report what they do (served on `/metrics`
+    /// when `tandem serve --metrics-listen` is given). Default: a fresh, unserved registry.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl CoordinatorConfig {
@@ -140,6 +143,7 @@ impl CoordinatorConfig {
             saga_callback_backoff: Backoff::default(),
             saga_in_flight_max: 10_000,
             participant_hosts_allowed: vec![HostPattern::Loopback],
+            metrics: std::sync::Arc::default(),
         }
     }
 

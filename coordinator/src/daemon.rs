@@ -15,6 +15,10 @@
 //! - gRPC server reflection (`grpc.reflection.v1` and the older `v1alpha`, from
 //!   `tonic-reflection`), serving the contract's descriptors
 //!   ([`tandem_proto::FILE_DESCRIPTOR_SET`]) and the health service's.
+//!
+//! Metrics: the log's flusher reports every flush to the configuration's
+//! [`crate::metrics::Metrics`], and the log's size on disk is sampled while the daemon runs.
+//! Serving them over HTTP is the caller's choice ([`crate::metrics::serve`]).
 
 use std::future::Future;
 use std::path::Path;
@@ -85,6 +89,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let log = Arc::new(SledLog::open(data_dir).map_err(CoordinatorError::from)?);
+    log.flusher().set_observer(config.metrics.clone());
+    let _storage_sampler = crate::metrics::sample_storage(log.clone(), config.metrics.clone());
     let (handle, runtime_task) =
         runtime::start(log, Arc::new(GrpcTransport::new()), config.clone())?;
     let service = CoordinatorService::new(handle, config);

@@ -1,6 +1,7 @@
 //! `tandem`: the coordinator daemon and its command line.
 //!
-//! - `tandem serve`: run the coordinator (sled log in `--data-dir`, gRPC on `--listen`);
+//! - `tandem serve`: run the coordinator (sled log in `--data-dir`, gRPC on `--listen`,
+//!   Prometheus metrics on `--metrics-listen`, spans to `--otel-endpoint` with feature `otel`);
 //! - `tandem demo`: a coordinator and two bank participants in one process, a few hundred
 //!   transfers, a summary;
 //! - `tandem bench 2pc`: coordinator and banks as separate processes, a closed-loop load,
@@ -15,7 +16,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tandem_coordinator::config::{format_host_patterns, parse_host_patterns};
-use tandem_coordinator::{daemon, CoordinatorConfig};
+use tandem_common::logging::{self, LogFormat};
+use tandem_coordinator::{daemon, metrics, CoordinatorConfig};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +26,10 @@ use tandem_coordinator::{daemon, CoordinatorConfig};
     version
 )]
 struct Cli {
+    /// Log format: human or json (default: $TANDEM_LOG_FORMAT, else human). Logs go to
+    /// stderr; the level comes from RUST_LOG (default warn).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,6 +89,14 @@ pub struct ServeArgs {
         verbatim_doc_comment
     )]
     allow_participants: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the bound
+    /// address is printed as `tandem metrics serving on ADDR`). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// Export spans over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317.
+    #[cfg(feature = "otel")]
+    #[arg(long, value_name = "URL")]
+    otel_endpoint: Option<String>,
 }
 
 pub async fn shutdown_signal() {
@@ -135,6 +149,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "participant hosts allowed"
     );
     config.participant_hosts_allowed = participant_hosts_allowed;
+    // Closed (dropped) once the daemon has stopped, which stops the metrics endpoint too.
+    let (_metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(metrics_listen) = &args.metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)
+            .await
+            .with_context(|| format!("--metrics-listen {metrics_listen}: cannot bind"))?;
+        // Printed before the "listening on" line, which tells readers that start-up is over.
+        println!(
+            "tandem metrics serving on {}",
+            metrics_listener.local_addr()?
+        );
+        let registry = config.metrics.clone();
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(e) = metrics::serve(metrics_listener, registry, stopped).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     // Tests and scripts read this line to learn the port.
     println!("tandem coordinator listening on {bound}");
     daemon::run(listener, &args.data_dir, config, shutdown_signal())
@@ -148,19 +183,60 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// An exporter to flush at exit (feature `otel`).
+#[cfg(feature = "otel")]
+type Exporter = Option<tandem_coordinator::otel::Exporter>;
+#[cfg(not(feature = "otel"))]
+type Exporter = ();
+
+/// Installs the log subscriber (and, with feature `otel`, the span exporter `serve` asks for).
+fn init_logging(cli: &Cli) -> anyhow::Result<Exporter> {
+    let format = logging::resolve_format(cli.log_format)?;
+    #[cfg(feature = "otel")]
+    {
+        let endpoint = match &cli.command {
+            Command::Serve(args) => args.otel_endpoint.as_deref(),
+            Command::Demo(_) | Command::Bench(_) => None,
+        };
+        let (extra, exporter) = match endpoint {
+            Some(endpoint) => {
+                let (layer, exporter) = tandem_coordinator::otel::layer(endpoint)
+                    .with_context(|| format!("--otel-endpoint {endpoint}"))?;
+                (Some(layer), Some(exporter))
+            }
+            None => (None, None),
+        };
+        logging::init(format, "warn", extra)?;
+        Ok(exporter)
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        logging::init(format, "warn", None)?;
+        Ok(())
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    let exporter = match init_logging(&cli) {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("tandem: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(command) => bench::run(command).await,
     };
+    #[cfg(feature = "otel")]
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
+    #[cfg(not(feature = "otel"))]
+    let () = exporter;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
