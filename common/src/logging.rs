@@ -113,7 +113,13 @@ mod tests {
         assert_eq!("human".parse::<LogFormat>().unwrap(), LogFormat::Human);
         assert_eq!(" JSON ".parse::<LogFormat>().unwrap(), LogFormat::Json);
         let error = "xml".parse::<LogFormat>().unwrap_err().to_string();
-        assert!(error.contains("\"xml\"") && error.contains("human or json"), "{error}");
-        assert_eq!(resolve_format(Some(LogFormat::Json)).unwrap(), LogFormat::Json);
+        assert!(
+            error.contains("\"xml\"") && error.contains("human or json"),
+            "{error}"
+        );
+        assert_eq!(
+            resolve_format(Some(LogFormat::Json)).unwrap(),
+            LogFormat::Json
+        );
     }
 }

@@ -137,7 +137,9 @@ impl fmt::Display for TraceContext {
     /// The `traceparent` value, always version 00.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "00-{}-", self.trace_id_hex())?;
-        self.parent_id.iter().try_for_each(|b| write!(f, "{b:02x}"))?;
+        self.parent_id
+            .iter()
+            .try_for_each(|b| write!(f, "{b:02x}"))?;
         write!(f, "-{:02x}", self.flags)
     }
 }
@@ -200,7 +202,10 @@ mod tests {
     fn a_valid_traceparent_parses_and_formats_back_unchanged() {
         let context = TraceContext::parse(VALID).unwrap();
         assert_eq!(context.flags, 1);
-        assert_eq!(context.parent_id, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
+        assert_eq!(
+            context.parent_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
         assert_eq!(
             context.trace_id_hex().to_string(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -210,9 +215,8 @@ mod tests {
 
     #[test]
     fn invalid_versions_and_malformed_values_are_refused() {
-        let refused = |text: &str| {
-            TraceContext::parse(text).expect_err(&format!("{text:?} was accepted"))
-        };
+        let refused =
+            |text: &str| TraceContext::parse(text).expect_err(&format!("{text:?} was accepted"));
         assert_eq!(
             refused("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
             TraceContextError::InvalidVersion

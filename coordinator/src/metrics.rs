@@ -212,9 +212,10 @@ impl Metrics {
             "Transactions and sagas whose outcome became durable, by outcome",
             finished.clone(),
         );
-        let latency = Family::<Labels1, AtomicHistogram, fn() -> AtomicHistogram>::new_with_constructor(
-            latency_histogram,
-        );
+        let latency =
+            Family::<Labels1, AtomicHistogram, fn() -> AtomicHistogram>::new_with_constructor(
+                latency_histogram,
+            );
         registry.register(
             "tandem_transaction_duration_seconds",
             "From start to durable outcome: a 2PC transaction until its client is answered, a saga from submission until its outcome is durable",
@@ -495,7 +496,10 @@ fn answer<B>(metrics: &Metrics, request: &Request<B>) -> Response<Full<Bytes>> {
         response
     };
     if request.uri().path() != "/metrics" {
-        return plain(StatusCode::NOT_FOUND, "not found: metrics are at /metrics\n");
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: metrics are at /metrics\n",
+        );
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed\n");
@@ -560,7 +564,10 @@ mod tests {
         let text = metrics.render();
         let v = |name: &str, labels: &str| value(&text, name, labels);
         assert_eq!(v("tandem_transactions_started_total", "kind=\"2pc\""), 2.0);
-        assert_eq!(v("tandem_transactions_recovered_total", "kind=\"saga\""), 1.0);
+        assert_eq!(
+            v("tandem_transactions_recovered_total", "kind=\"saga\""),
+            1.0
+        );
         assert_eq!(
             v(
                 "tandem_transactions_finished_total",
@@ -610,7 +617,10 @@ mod tests {
         assert_eq!(v("tandem_log_flush_batch_size_sum", ""), 43.0);
         assert_eq!(v("tandem_log_flush_batch_size_bucket", "le=\"4.0\""), 1.0);
         assert_eq!(v("tandem_log_flush_batch_size_bucket", "le=\"+Inf\""), 2.0);
-        assert!(text.contains("# TYPE tandem_log_flush_batch_size histogram"), "{text}");
+        assert!(
+            text.contains("# TYPE tandem_log_flush_batch_size histogram"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -627,7 +637,10 @@ mod tests {
             .collect();
         assert_eq!(counts, [2, 2, 1]);
         assert_eq!(histogram.count(), 5);
-        assert_eq!(f64::from_bits(histogram.inner.sum_bits.load(Ordering::Relaxed)), 14.0);
+        assert_eq!(
+            f64::from_bits(histogram.inner.sum_bits.load(Ordering::Relaxed)),
+            14.0
+        );
     }
 
     #[tokio::test]

@@ -413,7 +413,8 @@ impl TandemClient {
         trace: Option<TraceContext>,
     ) -> Result<Outcome, Error> {
         let trace = trace.unwrap_or_else(TraceContext::new_root).child();
-        let span = tracing::debug_span!("execute_2pc", txn = %txn, trace_id = %trace.trace_id_hex());
+        let span =
+            tracing::debug_span!("execute_2pc", txn = %txn, trace_id = %trace.trace_id_hex());
         self.execute_2pc_once_traced(txn, branches, timeout, trace)
             .instrument(span)
             .await
@@ -441,11 +442,7 @@ impl TandemClient {
         let mut attempt = 0;
         let answer = loop {
             attempt += 1;
-            match self
-                .inner
-                .execute2pc(traced(request.clone(), &trace))
-                .await
-            {
+            match self.inner.execute2pc(traced(request.clone(), &trace)).await {
                 Ok(answer) => break answer.into_inner(),
                 Err(status) => {
                     let error = status_error(status);

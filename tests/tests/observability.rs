@@ -116,8 +116,12 @@ impl Cluster {
                 server.kill().await;
             }
         }
-        ["coordinator", "bank-a", "bank-b"]
-            .map(|name| (name.to_string(), self.dir.path().join(format!("{name}.stderr"))))
+        ["coordinator", "bank-a", "bank-b"].map(|name| {
+            (
+                name.to_string(),
+                self.dir.path().join(format!("{name}.stderr")),
+            )
+        })
     }
 }
 
@@ -186,8 +190,16 @@ async fn metrics_count_each_outcome_and_show_latency_flushes_and_storage() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let v = |name: &str| series(&text, name);
-    assert_eq!(v("tandem_transactions_in_flight{kind=\"2pc\"}"), 0.0, "{text}");
-    assert_eq!(v("tandem_transactions_in_flight{kind=\"saga\"}"), 0.0, "{text}");
+    assert_eq!(
+        v("tandem_transactions_in_flight{kind=\"2pc\"}"),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("tandem_transactions_in_flight{kind=\"saga\"}"),
+        0.0,
+        "{text}"
+    );
     assert_eq!(v("tandem_transactions_started_total{kind=\"2pc\"}"), 4.0);
     assert_eq!(
         v("tandem_transactions_finished_total{kind=\"2pc\",outcome=\"committed\"}"),
@@ -274,7 +286,10 @@ async fn json_logs_name_the_transaction_on_spans_and_carry_the_clients_trace_id(
         .await
         .unwrap();
     let state = client.wait(&saga, WAIT).await.unwrap();
-    assert!(matches!(state.outcome(), Some(SagaOutcome::Completed)), "{state:?}");
+    assert!(
+        matches!(state.outcome(), Some(SagaOutcome::Completed)),
+        "{state:?}"
+    );
     // A malformed traceparent is ignored: the transaction runs under a trace of its own.
     let mut raw = tandem_proto::v1::coordinator_client::CoordinatorClient::connect(format!(
         "http://{}",
@@ -312,10 +327,7 @@ async fn json_logs_name_the_transaction_on_spans_and_carry_the_clients_trace_id(
     for (name, path) in &files {
         let lines = json_lines(name, path);
         assert!(!lines.is_empty(), "{name} logged nothing at debug level");
-        for (id, field, trace_id) in [
-            (&txn, "txn", &trace_ids.0),
-            (&saga, "saga", &trace_ids.1),
-        ] {
+        for (id, field, trace_id) in [(&txn, "txn", &trace_ids.0), (&saga, "saga", &trace_ids.1)] {
             let about: Vec<&Value> = lines
                 .iter()
                 .filter(|line| line.to_string().contains(id.as_str()))
@@ -328,9 +340,15 @@ async fn json_logs_name_the_transaction_on_spans_and_carry_the_clients_trace_id(
                 );
             }
             assert!(
-                about.iter().any(|line| in_span_with(line, "trace_id", trace_id)),
+                about
+                    .iter()
+                    .any(|line| in_span_with(line, "trace_id", trace_id)),
                 "{name}: no line about {id} carries the client's trace id {trace_id}:\n{}",
-                about.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("\n")
+                about
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
         }
     }

@@ -424,7 +424,10 @@ impl Runtime {
         };
         if !span.is_disabled() {
             if let Some(observed) = self.observed.get(id) {
-                span.record("trace_id", tracing::field::display(observed.trace.trace_id_hex()));
+                span.record(
+                    "trace_id",
+                    tracing::field::display(observed.trace.trace_id_hex()),
+                );
                 crate::otel::link(&span, &observed.trace);
             }
         }

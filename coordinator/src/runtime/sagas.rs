@@ -30,9 +30,9 @@ use crate::engine::saga::{
     ActionAnswer, ChangeKind, SagaChange, SagaEffect, SagaEngine, SagaEvent, SagaOutcome,
     SagaPhase, SagaSpec, SagaStatus, SagaTimer, StepPhase, StepStatus,
 };
-use crate::metrics::{Finished, Kind, Retry};
 use crate::error::CoordinatorError;
 use crate::log::record::{Fingerprint, SagaSpecRecord, StoredSaga};
+use crate::metrics::{Finished, Kind, Retry};
 use crate::transport::{CallbackCall, StepCall};
 
 /// Most changes kept per saga for late watchers.

@@ -163,7 +163,10 @@ struct Tally {
 
 impl Tally {
     fn new(names: &'static [&'static str]) -> Arc<Tally> {
-        assert!(matches!(names.len(), 1 | 2), "a tally counts one or two outcomes");
+        assert!(
+            matches!(names.len(), 1 | 2),
+            "a tally counts one or two outcomes"
+        );
         Arc::new(Tally {
             names,
             counts: Default::default(),

@@ -15,8 +15,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use tandem_coordinator::config::{format_host_patterns, parse_host_patterns};
 use tandem_common::logging::{self, LogFormat};
+use tandem_coordinator::config::{format_host_patterns, parse_host_patterns};
 use tandem_coordinator::{daemon, metrics, CoordinatorConfig};
 
 #[derive(Parser)]
