@@ -590,14 +590,14 @@ mod tests {
         assert_eq!(
             v(
                 "tandem_transaction_duration_seconds_bucket",
-                "kind=\"2pc\",le=\"0.0025\""
+                "le=\"0.0025\",kind=\"2pc\""
             ),
             0.0
         );
         assert_eq!(
             v(
                 "tandem_transaction_duration_seconds_bucket",
-                "kind=\"2pc\",le=\"0.005\""
+                "le=\"0.005\",kind=\"2pc\""
             ),
             1.0
         );
