@@ -17,7 +17,7 @@
 //!   ([`tandem_proto::FILE_DESCRIPTOR_SET`]) and the health service's.
 //!
 //! Metrics: the log's flusher reports every flush to the configuration's
-//! [`crate::metrics::Metrics`], and the log's size on disk is sampled while the daemon runs.
+//! [`crate::metrics::Metrics`], which also reads the log's size on disk at each scrape.
 //! Serving them over HTTP is the caller's choice ([`crate::metrics::serve`]).
 
 use std::future::Future;
@@ -90,7 +90,7 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let log = Arc::new(SledLog::open(data_dir).map_err(CoordinatorError::from)?);
     log.flusher().set_observer(config.metrics.clone());
-    let _storage_sampler = crate::metrics::sample_storage(log.clone(), config.metrics.clone());
+    config.metrics.watch_log(log.clone());
     let (handle, runtime_task) =
         runtime::start(log, Arc::new(GrpcTransport::new()), config.clone())?;
     let service = CoordinatorService::new(handle, config);

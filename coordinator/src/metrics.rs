@@ -21,14 +21,15 @@
 //!   re-sent. Prepares are sent once (the engine aborts rather than retry), so they have no
 //!   series;
 //! - flushes come from the group-commit flusher through [`FlushObserver`];
-//! - the log's size on disk is sampled every [`STORAGE_SAMPLE_EVERY`] by [`sample_storage`].
+//! - the log's size on disk is measured at each scrape, from the log handed to
+//!   [`Metrics::watch_log`] (a few `stat` calls, on a blocking thread).
 //!
 //! Output is the OpenMetrics text format, which Prometheus scrapes natively.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -48,8 +49,6 @@ use crate::log::TxnLog;
 
 /// The content type of the rendered metrics.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// How often the log's size on disk is sampled.
-pub const STORAGE_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// Most scrapes served at once; further connections wait for a slot.
 pub const SCRAPES_IN_FLIGHT_MAX: usize = 16;
 /// How long a scraper may take to send its request headers.
@@ -169,6 +168,8 @@ pub struct Metrics {
     retries: [Counter; 4],
     sagas_stuck: Gauge,
     log_size: Gauge,
+    /// The log whose size a scrape reports.
+    log: OnceLock<Arc<dyn TxnLog>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -260,7 +261,7 @@ impl Metrics {
         let log_size = Gauge::default();
         registry.register(
             "tandem_log_size_bytes",
-            "Size of the coordinator's log on disk, sampled periodically",
+            "Size of the coordinator's log on disk, measured at each scrape",
             log_size.clone(),
         );
 
@@ -278,6 +279,7 @@ impl Metrics {
             retries: Retry::ALL.map(|r| retries.get_or_create_owned(&[("kind", r.label())])),
             sagas_stuck,
             log_size,
+            log: OnceLock::new(),
             registry,
         }
     }
@@ -317,6 +319,19 @@ impl Metrics {
 
     pub fn set_log_size(&self, bytes: u64) {
         self.log_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Has every scrape report `log`'s size on disk. Only the first log handed in counts.
+    pub fn watch_log(&self, log: Arc<dyn TxnLog>) {
+        let _ = self.log.set(log);
+    }
+
+    /// Reads the watched log's size on disk into its gauge. Blocking I/O (sled lists its
+    /// folder): call it off the async workers.
+    pub fn sample_log_size(&self) {
+        if let Some(log) = self.log.get() {
+            self.set_log_size(log.size_on_disk());
+        }
     }
 
     /// Every series in the OpenMetrics text format.
@@ -413,32 +428,6 @@ impl EncodeMetric for AtomicHistogram {
     }
 }
 
-/// The task [`sample_storage`] runs; dropping it stops the sampling.
-pub struct StorageSampler(tokio::task::JoinHandle<()>);
-
-impl Drop for StorageSampler {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Samples the log's size on disk into `metrics` now and every [`STORAGE_SAMPLE_EVERY`], until
-/// the returned guard is dropped.
-pub fn sample_storage(log: Arc<dyn TxnLog>, metrics: Arc<Metrics>) -> StorageSampler {
-    StorageSampler(tokio::spawn(async move {
-        let mut every = tokio::time::interval(STORAGE_SAMPLE_EVERY);
-        loop {
-            every.tick().await;
-            let log = log.clone();
-            // sled walks its folder to answer; keep that off the async workers.
-            match tokio::task::spawn_blocking(move || log.size_on_disk()).await {
-                Ok(bytes) => metrics.set_log_size(bytes),
-                Err(e) => tracing::warn!(error = %e, "sampling the log's size failed"),
-            }
-        }
-    }))
-}
-
 /// Why the metrics endpoint stopped.
 #[derive(Debug, thiserror::Error)]
 #[error("metrics endpoint: {0}")]
@@ -475,7 +464,7 @@ pub async fn serve(
             let _slot = slot;
             let service = hyper::service::service_fn(move |request| {
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(answer(&metrics, &request)) }
+                async move { Ok::<_, Infallible>(answer(metrics, &request).await) }
             });
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -489,7 +478,7 @@ pub async fn serve(
     }
 }
 
-fn answer<B>(metrics: &Metrics, request: &Request<B>) -> Response<Full<Bytes>> {
+async fn answer<B>(metrics: Arc<Metrics>, request: &Request<B>) -> Response<Full<Bytes>> {
     let plain = |status: StatusCode, text: &'static str| {
         let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
         *response.status_mut() = status;
@@ -504,7 +493,18 @@ fn answer<B>(metrics: &Metrics, request: &Request<B>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed\n");
     }
-    let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
+    let rendered = tokio::task::spawn_blocking(move || {
+        metrics.sample_log_size();
+        metrics.render()
+    })
+    .await;
+    let Ok(text) = rendered else {
+        return plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "rendering the metrics failed\n",
+        );
+    };
+    let mut response = Response::new(Full::new(Bytes::from(text)));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static(CONTENT_TYPE),

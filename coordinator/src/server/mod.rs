@@ -297,13 +297,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::GetTransactionRequest>,
     ) -> Result<Response<pb::GetTransactionResponse>, Status> {
         let txn = parse_existing_id(&request.into_inner().txn_id)?;
-        let status =
-            self.handle
-                .status(txn.clone())
-                .await?
-                .ok_or_else(|| CoordinatorError::NotFound {
-                    txn: txn.to_string(),
-                })?;
+        let span = tracing::debug_span!("get_transaction", txn = %txn);
+        let status = self
+            .handle
+            .status(txn.clone())
+            .instrument(span)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound {
+                txn: txn.to_string(),
+            })?;
         let (outcome, reason) = match &status.decision {
             Some(decision) => outcome_to_pb(&decision.outcome()),
             None => (pb::Outcome::Pending, String::new()),
@@ -401,7 +403,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::GetSagaRequest>,
     ) -> Result<Response<pb::SagaState>, Status> {
         let saga = saga::parse_saga_id(&request.into_inner().saga_id)?;
-        match self.handle.get_saga(saga.clone()).await? {
+        let span = tracing::debug_span!("get_saga", saga = %saga);
+        match self.handle.get_saga(saga.clone()).instrument(span).await? {
             Some(view) => Ok(Response::new(saga::view_to_pb(&view))),
             None => Err(CoordinatorError::NotFound {
                 txn: saga.to_string(),
@@ -423,7 +426,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             )));
         }
         let timeout = std::time::Duration::from_millis(request.timeout_ms);
-        match self.handle.wait_saga(saga.clone(), timeout).await? {
+        let span = tracing::debug_span!("wait_saga", saga = %saga);
+        match self
+            .handle
+            .wait_saga(saga.clone(), timeout)
+            .instrument(span)
+            .await?
+        {
             Some(view) => Ok(Response::new(saga::view_to_pb(&view))),
             None => Err(CoordinatorError::NotFound {
                 txn: saga.to_string(),
@@ -443,11 +452,22 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             }
             .into()
         };
-        let names = match self.handle.get_saga(saga.clone()).await? {
+        let span = tracing::debug_span!("watch_saga", saga = %saga);
+        let names = match self
+            .handle
+            .get_saga(saga.clone())
+            .instrument(span.clone())
+            .await?
+        {
             Some(view) => view.step_names,
             None => return Err(not_found()),
         };
-        let Some(changes) = self.handle.watch_saga(saga.clone()).await? else {
+        let Some(changes) = self
+            .handle
+            .watch_saga(saga.clone())
+            .instrument(span)
+            .await?
+        else {
             return Err(not_found());
         };
         let stream = tokio_stream::wrappers::ReceiverStream::new(changes)

@@ -183,14 +183,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// An exporter to flush at exit (feature `otel`).
-#[cfg(feature = "otel")]
-type Exporter = Option<tandem_coordinator::otel::Exporter>;
-#[cfg(not(feature = "otel"))]
-type Exporter = ();
+/// Flushes the span exporter when dropped at the end of `main` (feature `otel`; without it
+/// there is nothing to flush).
+struct ExportGuard {
+    #[cfg(feature = "otel")]
+    exporter: Option<tandem_coordinator::otel::Exporter>,
+}
+
+impl Drop for ExportGuard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otel")]
+        if let Some(exporter) = self.exporter.take() {
+            exporter.shutdown();
+        }
+    }
+}
 
 /// Installs the log subscriber (and, with feature `otel`, the span exporter `serve` asks for).
-fn init_logging(cli: &Cli) -> anyhow::Result<Exporter> {
+fn init_logging(cli: &Cli) -> anyhow::Result<ExportGuard> {
     let format = logging::resolve_format(cli.log_format)?;
     #[cfg(feature = "otel")]
     {
@@ -207,20 +217,20 @@ fn init_logging(cli: &Cli) -> anyhow::Result<Exporter> {
             None => (None, None),
         };
         logging::init(format, "warn", extra)?;
-        Ok(exporter)
+        Ok(ExportGuard { exporter })
     }
     #[cfg(not(feature = "otel"))]
     {
         logging::init(format, "warn", None)?;
-        Ok(())
+        Ok(ExportGuard {})
     }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let exporter = match init_logging(&cli) {
-        Ok(exporter) => exporter,
+    let _export = match init_logging(&cli) {
+        Ok(guard) => guard,
         Err(e) => {
             eprintln!("tandem: {e:#}");
             return ExitCode::from(2);
@@ -231,12 +241,6 @@ async fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(command) => bench::run(command).await,
     };
-    #[cfg(feature = "otel")]
-    if let Some(exporter) = exporter {
-        exporter.shutdown();
-    }
-    #[cfg(not(feature = "otel"))]
-    let () = exporter;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
