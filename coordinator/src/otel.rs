@@ -86,3 +86,55 @@ pub fn link(span: &tracing::Span, trace: &TraceContext) {
     #[cfg(not(feature = "otel"))]
     let _ = (span, trace);
 }
+
+#[cfg(all(test, feature = "otel"))]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// Keeps what it is asked to export.
+    #[derive(Debug, Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Kept {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_linked_span_is_exported_as_a_child_of_the_transactions_trace() {
+        let kept = Kept::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(kept.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let trace =
+            TraceContext::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("execute_2pc");
+            link(&span, &trace);
+            span.in_scope(|| tracing::info!("inside"));
+        });
+        provider.force_flush().unwrap();
+        let spans = kept.0.lock().unwrap();
+        let exported = spans
+            .iter()
+            .find(|s| s.name == "execute_2pc")
+            .unwrap_or_else(|| panic!("execute_2pc was not exported: {spans:?}"));
+        assert_eq!(
+            exported.span_context.trace_id().to_bytes(),
+            trace.trace_id,
+            "exported under another trace"
+        );
+        assert_eq!(exported.parent_span_id.to_bytes(), trace.parent_id);
+    }
+}
