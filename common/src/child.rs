@@ -3,8 +3,9 @@
 //! Every Tandem server (`tandem serve`, `tandem-bank serve`) prints one line
 //! `... listening on <addr>` on stdout once it has bound its listener. [`ChildServer::spawn`]
 //! starts the command, waits (bounded) for that line and returns the bound address, so
-//! callers can pass `--listen 127.0.0.1:0` and never pick ports themselves. The child is
-//! killed when the handle is dropped.
+//! callers can pass `--listen 127.0.0.1:0` and never pick ports themselves. Lines printed
+//! before it (such as `tandem metrics serving on <addr>`) are kept in
+//! [`ChildServer::preamble`]. The child is killed when the handle is dropped.
 
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
@@ -15,11 +16,16 @@ use tokio::process::{Child, Command};
 
 /// The marker a server prints before its bound address.
 pub const LISTENING_MARKER: &str = "listening on ";
+/// Most lines kept from before the listening line.
+pub const PREAMBLE_LINES_MAX: usize = 64;
 
 /// A running server process.
 pub struct ChildServer {
     pub name: String,
     pub addr: SocketAddr,
+    /// The lines the server printed before its listening line (at most
+    /// [`PREAMBLE_LINES_MAX`]).
+    pub preamble: Vec<String>,
     child: Child,
 }
 
@@ -37,12 +43,16 @@ impl ChildServer {
         let mut child = command.spawn()?;
         let stdout = child.stdout.take().expect("stdout was piped");
         let mut lines = BufReader::new(stdout).lines();
+        let mut preamble = Vec::new();
         let found = tokio::time::timeout(timeout, async {
             while let Some(line) = lines.next_line().await? {
                 if let Some((_, addr)) = line.split_once(LISTENING_MARKER) {
                     return addr.trim().parse::<SocketAddr>().map_err(|e| {
                         std::io::Error::other(format!("{name}: bad address in {line:?}: {e}"))
                     });
+                }
+                if preamble.len() < PREAMBLE_LINES_MAX {
+                    preamble.push(line);
                 }
             }
             Err(std::io::Error::other(format!(
@@ -68,6 +78,7 @@ impl ChildServer {
         Ok(ChildServer {
             name: name.to_string(),
             addr,
+            preamble,
             child,
         })
     }

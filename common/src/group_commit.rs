@@ -24,14 +24,18 @@
 //! later request fails too, and callers treat that as fatal (the process stops and recovers
 //! from what is really on disk).
 //!
+//! Observation: [`GroupCommit::set_observer`] hands the flusher a [`FlushObserver`], told of
+//! every completed flush (its batch size and duration) on the flusher thread. That is how the
+//! coordinator's metrics see group commit without this crate knowing of them.
+//!
 //! Limitation: only sled's main data file is synced. Values above about 128 KiB go to blob
 //! files that sled never syncs; Tandem's own records stay below [`crate::RECORD_BYTES_MAX`].
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::sync::{mpsc, Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -59,6 +63,16 @@ pub struct FlushStats {
     pub flush_micros: AtomicU64,
 }
 
+/// Told of every completed flush, on the flusher thread, before the batch's completions run.
+/// It must be cheap (an atomic add or two): every writer of the batch waits for it.
+pub trait FlushObserver: Send + Sync + 'static {
+    /// A flush of `batch_size` jobs completed in `took` (sled flush plus fdatasync).
+    fn flushed(&self, batch_size: usize, took: Duration);
+}
+
+/// The observer slot the flusher thread reads; set at most once.
+type ObserverSlot = Arc<OnceLock<Arc<dyn FlushObserver>>>;
+
 /// What a job leaves behind to be called once the flush that covers it has completed.
 pub type Completion = Box<dyn FnOnce(Result<(), FlushError>) + Send>;
 /// A job queued for the flusher thread.
@@ -76,6 +90,7 @@ struct Flusher {
     requests: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<FlushStats>,
+    observer: ObserverSlot,
 }
 
 impl Drop for Flusher {
@@ -102,15 +117,20 @@ impl GroupCommit {
         let (requests, queue) = mpsc::channel::<Job>();
         let stats = Arc::new(FlushStats::default());
         let thread_stats = stats.clone();
+        let observer: ObserverSlot = Arc::default();
+        let thread_observer = observer.clone();
         let dir: PathBuf = dir.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("tandem-log-flush".into())
-            .spawn(move || flusher_loop(db, data_file, queue, &thread_stats, &dir))?;
+            .spawn(move || {
+                flusher_loop(db, data_file, queue, &thread_stats, &thread_observer, &dir)
+            })?;
         Ok(GroupCommit {
             inner: Arc::new(Flusher {
                 requests: Some(requests),
                 thread: Some(thread),
                 stats,
+                observer,
             }),
         })
     }
@@ -177,6 +197,12 @@ impl GroupCommit {
     pub fn stats(&self) -> &FlushStats {
         &self.inner.stats
     }
+
+    /// Has `observer` told of every flush from now on. Only one observer can be set: returns
+    /// false (and keeps the first) if one was set before.
+    pub fn set_observer(&self, observer: Arc<dyn FlushObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
 }
 
 fn flusher_loop(
@@ -184,6 +210,7 @@ fn flusher_loop(
     data_file: File,
     queue: mpsc::Receiver<Job>,
     stats: &FlushStats,
+    observer: &OnceLock<Arc<dyn FlushObserver>>,
     dir: &Path,
 ) {
     let poisoned = AtomicBool::new(false);
@@ -205,13 +232,17 @@ fn flusher_loop(
                 .and_then(|()| data_file.sync_data().map_err(|e| e.to_string()));
             match outcome {
                 Ok(()) => {
+                    let took = started.elapsed();
+                    if let Some(observer) = observer.get() {
+                        observer.flushed(batch.len(), took);
+                    }
                     stats.flushes.fetch_add(1, Ordering::Relaxed);
                     stats
                         .requests
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     stats
                         .flush_micros
-                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
                     Ok(())
                 }
                 Err(reason) => {
@@ -312,6 +343,39 @@ mod tests {
         assert_eq!(
             open_db(dir.path()).unwrap().get("k").unwrap().as_deref(),
             Some(&b"v"[..])
+        );
+    }
+
+    #[test]
+    fn an_observer_hears_every_flush_with_its_batch_size() {
+        #[derive(Default)]
+        struct Seen {
+            flushes: AtomicU64,
+            jobs: AtomicU64,
+        }
+        impl FlushObserver for Seen {
+            fn flushed(&self, batch_size: usize, _took: Duration) {
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+                self.jobs.fetch_add(batch_size as u64, Ordering::Relaxed);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path()).unwrap();
+        let flusher = GroupCommit::start(db, dir.path()).unwrap();
+        let seen = Arc::new(Seen::default());
+        assert!(flusher.set_observer(seen.clone()));
+        assert!(
+            !flusher.set_observer(Arc::new(Seen::default())),
+            "a second observer replaced the first"
+        );
+        for _ in 0..3 {
+            flusher.flush_blocking().unwrap();
+        }
+        assert_eq!(seen.flushes.load(Ordering::Relaxed), 3);
+        assert_eq!(seen.jobs.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            seen.jobs.load(Ordering::Relaxed),
+            flusher.stats().requests.load(Ordering::Relaxed)
         );
     }
 

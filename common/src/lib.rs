@@ -13,7 +13,10 @@
 //! - [`crash`]: the `TANDEM_CRASH_AT` crash points the fault tests use;
 //! - [`duration`]: the one parser of durations typed on command lines (`10s`, `24h`);
 //! - [`child`]: starting a Tandem server as a child process and learning the port it bound
-//!   (benchmarks and end-to-end tests run every server as a real process).
+//!   (benchmarks and end-to-end tests run every server as a real process);
+//! - [`logging`]: the log set-up both binaries share (human or JSON, `TANDEM_LOG_FORMAT`);
+//! - [`trace_context`]: W3C `traceparent` parsing, formatting and child spans;
+//! - [`progress`]: the progress display of long-running commands (bar or plain lines).
 
 pub mod backoff;
 pub mod child;
@@ -22,11 +25,15 @@ pub mod crash;
 pub mod duration;
 pub mod group_commit;
 pub mod ids;
+pub mod logging;
+pub mod progress;
+pub mod trace_context;
 
 pub use backoff::{Backoff, SplitMix64};
 pub use codec::CodecError;
 pub use group_commit::{FlushError, GroupCommit};
 pub use ids::{BranchIdx, IdError, TxnId};
+pub use trace_context::TraceContext;
 
 /// Cuts `text` to at most `max` bytes, on a character boundary, marking a cut with "...".
 ///

@@ -127,6 +127,9 @@ pub struct CoordinatorConfig {
     /// Must be at least `txn_id_age_ms_max` ([`CoordinatorConfig::check_retention`]).
     /// Default: [`TERMINAL_RETENTION_MS_DEFAULT`]. See `crate::runtime::retention`.
     pub terminal_retention_ms: Option<u64>,
+    /// Where the runtime and the log's flusher report what they do (served on `/metrics`
+    /// when `tandem serve --metrics-listen` is given). Default: a fresh, unserved registry.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Default of [`CoordinatorConfig::terminal_retention_ms`]: 7 days, the default id-age limit.
@@ -160,6 +163,7 @@ impl CoordinatorConfig {
             shutdown_grace: Duration::from_secs(10),
             participant_hosts_allowed: vec![HostPattern::Loopback],
             terminal_retention_ms: Some(TERMINAL_RETENTION_MS_DEFAULT),
+            metrics: std::sync::Arc::default(),
         }
     }
 

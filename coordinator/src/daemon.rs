@@ -15,6 +15,10 @@
 //! - gRPC server reflection (`grpc.reflection.v1` and the older `v1alpha`, from
 //!   `tonic-reflection`), serving the contract's descriptors
 //!   ([`tandem_proto::FILE_DESCRIPTOR_SET`]) and the health service's.
+//!
+//! Metrics: the log's flusher reports every flush to the configuration's
+//! [`crate::metrics::Metrics`], which also reads the log's size on disk at each scrape.
+//! Serving them over HTTP is the caller's choice ([`crate::metrics::serve`]).
 
 use std::future::Future;
 use std::path::Path;
@@ -92,6 +96,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let log = Arc::new(SledLog::open(data_dir).map_err(CoordinatorError::from)?);
+    log.flusher().set_observer(config.metrics.clone());
+    config.metrics.watch_log(log.clone());
     let (handle, runtime_task) =
         runtime::start(log.clone(), Arc::new(GrpcTransport::new()), config.clone())?;
     let grace = config.shutdown_grace;

@@ -8,13 +8,19 @@
 //! - [`server`]: the `tandem.v1.Coordinator` gRPC service: validation at the edge and the
 //!   conversion of prost messages into engine types;
 //! - [`daemon`]: `run(listener, config, shutdown)`, the process shell the `tandem` binary uses;
-//! - [`config`]: the configuration and every limit on input from outside.
+//! - [`config`]: the configuration and every limit on input from outside;
+//! - [`metrics`]: the Prometheus registry the runtime and the log's flusher update, and its
+//!   `/metrics` endpoint;
+//! - [`otel`]: OpenTelemetry span export (feature `otel`) and the link of spans to a
+//!   transaction's trace.
 
 pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod log;
+pub mod metrics;
+pub mod otel;
 pub mod runtime;
 pub mod server;
 pub mod transport;

@@ -3,6 +3,10 @@
 //! The runtime only ever calls [`ParticipantTransport`]; tests plug in their own. The gRPC
 //! implementation keeps one lazily connected tonic channel per participant address (HTTP/2
 //! multiplexes every concurrent call over it) and bounds every call with a timeout.
+//!
+//! Every call carries its transaction's trace context, when it has one, as the W3C
+//! `traceparent` gRPC metadata entry ([`set_traceparent`]), so the participant's logs join the
+//! transaction's trace.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -10,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tandem_common::{BranchIdx, TxnId};
+use tandem_common::{BranchIdx, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 
@@ -36,6 +40,8 @@ pub struct PrepareCall {
     /// Where the participant can ask this coordinator for the outcome.
     pub coordinator: String,
     pub timeout: Duration,
+    /// The trace context to send (a child of the transaction's).
+    pub trace: Option<TraceContext>,
 }
 
 /// A decision for one branch.
@@ -46,6 +52,8 @@ pub struct DecisionCall {
     pub target: BranchTarget,
     pub commit: bool,
     pub timeout: Duration,
+    /// The trace context to send (a child of the transaction's).
+    pub trace: Option<TraceContext>,
 }
 
 /// A saga step's action or compensation.
@@ -57,6 +65,8 @@ pub struct StepCall {
     pub target: BranchTarget,
     pub payload: Vec<u8>,
     pub timeout: Duration,
+    /// The trace context to send (a child of the transaction's).
+    pub trace: Option<TraceContext>,
 }
 
 /// A saga's completion callback.
@@ -67,6 +77,8 @@ pub struct CallbackCall {
     /// The saga's final state.
     pub state: SagaView,
     pub timeout: Duration,
+    /// The trace context to send (a child of the transaction's).
+    pub trace: Option<TraceContext>,
 }
 
 pub trait ParticipantTransport: Send + Sync + 'static {
@@ -135,6 +147,7 @@ impl ParticipantTransport for GrpcTransport {
                 coordinator: call.coordinator,
             });
             request.set_timeout(call.timeout);
+            set_traceparent(&mut request, call.trace.as_ref());
             let answer = tokio::time::timeout(call.timeout, client.prepare(request))
                 .await
                 .map_err(|_| {
@@ -168,6 +181,7 @@ impl ParticipantTransport for GrpcTransport {
                 resource: call.target.resource.clone(),
             });
             request.set_timeout(call.timeout);
+            set_traceparent(&mut request, call.trace.as_ref());
             let answer = if call.commit {
                 client.commit(request).await
             } else {
@@ -229,6 +243,7 @@ impl ParticipantTransport for GrpcTransport {
                 outcome: Some(crate::server::saga::view_to_pb(&call.state)),
             });
             request.set_timeout(call.timeout);
+            set_traceparent(&mut request, call.trace.as_ref());
             bounded(
                 call.timeout,
                 &participant,
@@ -250,7 +265,21 @@ fn step_request(call: StepCall) -> tonic::Request<pb::StepRequest> {
         step_name: call.step_name,
     });
     request.set_timeout(call.timeout);
+    set_traceparent(&mut request, call.trace.as_ref());
     request
+}
+
+/// Puts `trace` into the request's metadata as W3C `traceparent`.
+pub fn set_traceparent<T>(request: &mut tonic::Request<T>, trace: Option<&TraceContext>) {
+    if let Some(trace) = trace {
+        let value = trace
+            .to_string()
+            .parse()
+            .expect("a formatted traceparent is valid ASCII metadata");
+        request
+            .metadata_mut()
+            .insert(tandem_common::trace_context::TRACEPARENT, value);
+    }
 }
 
 /// Awaits a call for at most `timeout`; a timeout or an error status is a transport error.

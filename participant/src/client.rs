@@ -45,13 +45,18 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Tracing: every transaction and saga is submitted with a W3C `traceparent` (gRPC metadata):
+//! the one given ([`TandemClient::execute_2pc_traced`], [`Saga::trace`]) or a new one. The
+//! coordinator passes it on to every participant call, so one transaction reads as one trace.
+//!
 //! Prost types stay in here: sagas go out converted from [`Saga`], states come back converted
 //! into [`SagaState`] and [`SagaChange`] (see [`crate::saga_state`]).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use tandem_common::{unix_now_ms, TxnId};
+use tandem_common::trace_context::TRACEPARENT;
+use tandem_common::{unix_now_ms, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
@@ -226,6 +231,8 @@ pub struct Saga {
     shape: SagaShape,
     /// `(participant endpoint, callback handler name)`.
     callback: Option<(String, String)>,
+    /// The trace the saga joins; `None` for a new one.
+    trace: Option<TraceContext>,
 }
 
 impl Saga {
@@ -236,6 +243,7 @@ impl Saga {
             steps: steps.into_iter().collect(),
             shape: SagaShape::Sequence,
             callback: None,
+            trace: None,
         }
     }
 
@@ -258,6 +266,13 @@ impl Saga {
     /// participant at `participant` (retried until acknowledged; the handler runs once).
     pub fn callback(mut self, participant: impl Into<String>, name: impl Into<String>) -> Self {
         self.callback = Some((participant.into(), name.into()));
+        self
+    }
+
+    /// Submits the saga as part of the trace `trace` (the caller's span, as W3C trace
+    /// context); without it, the submission starts a new trace.
+    pub fn trace(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
         self
     }
 
@@ -303,6 +318,17 @@ fn malformed_answer(what: &str, problem: String) -> Error {
         code: tonic::Code::Internal,
         message: format!("coordinator answered a malformed {what}: {problem}"),
     }
+}
+
+/// `message` as a request carrying `trace` as its `traceparent` metadata.
+fn traced<T>(message: T, trace: &TraceContext) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = trace
+        .to_string()
+        .parse()
+        .expect("a formatted traceparent is valid ASCII metadata");
+    request.metadata_mut().insert(TRACEPARENT, value);
+    request
 }
 
 /// A client of the coordinator. Cheap to clone.
@@ -401,6 +427,34 @@ impl TandemClient {
         branches: Vec<Branch>,
         timeout: Option<Duration>,
     ) -> Result<Outcome, Error> {
+        self.execute_2pc_traced(txn, branches, timeout, None).await
+    }
+
+    /// [`execute_2pc_with`](Self::execute_2pc_with) as part of the trace `trace` (the caller's
+    /// span, as W3C trace context; `None` starts a new trace). The coordinator and every
+    /// participant log the transaction under its trace id.
+    pub async fn execute_2pc_traced(
+        &mut self,
+        txn: &TxnId,
+        branches: Vec<Branch>,
+        timeout: Option<Duration>,
+        trace: Option<TraceContext>,
+    ) -> Result<Outcome, Error> {
+        let trace = trace.unwrap_or_else(TraceContext::new_root).child();
+        let span =
+            tracing::debug_span!("execute_2pc", txn = %txn, trace_id = %trace.trace_id_hex());
+        self.execute_2pc_once_traced(txn, branches, timeout, trace)
+            .instrument(span)
+            .await
+    }
+
+    async fn execute_2pc_once_traced(
+        &mut self,
+        txn: &TxnId,
+        branches: Vec<Branch>,
+        timeout: Option<Duration>,
+        trace: TraceContext,
+    ) -> Result<Outcome, Error> {
         let request = pb::Execute2pcRequest {
             txn_id: txn.to_string(),
             branches: branches
@@ -416,7 +470,7 @@ impl TandemClient {
         let mut attempt = 0;
         let answer = loop {
             attempt += 1;
-            match self.inner.execute2pc(request.clone()).await {
+            match self.inner.execute2pc(traced(request.clone(), &trace)).await {
                 Ok(answer) => break answer.into_inner(),
                 Err(status) => {
                     let error = status_error(status);
@@ -484,11 +538,13 @@ impl TandemClient {
     /// the id names a saga with different content.
     pub async fn submit_saga(&self, saga: Saga) -> Result<TxnId, Error> {
         let id = saga.saga_id().cloned().unwrap_or_else(Self::new_txn_id);
+        let trace = saga.trace.unwrap_or_else(TraceContext::new_root).child();
         let request = saga.into_pb(&id);
-        let span = tracing::debug_span!("submit_saga", saga = %id);
+        let span =
+            tracing::debug_span!("submit_saga", saga = %id, trace_id = %trace.trace_id_hex());
         let answer = self
             .call_retrying("SubmitSaga", |mut client| {
-                let request = request.clone();
+                let request = traced(request.clone(), &trace);
                 async move { client.submit_saga(request).await }
             })
             .instrument(span)

@@ -49,4 +49,4 @@ pub use saga::{CompensableResource, SagaCallbackHandler, StepContext, StepOutcom
 pub use saga_state::{
     SagaChange, SagaChangeKind, SagaOutcome, SagaPhase, SagaState, StepPhase, StepState,
 };
-pub use tandem_common::TxnId;
+pub use tandem_common::{TraceContext, TxnId};

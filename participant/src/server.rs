@@ -8,10 +8,16 @@
 //! limits, a callback's saga state well-formed and terminal), converted into domain types
 //! once, handed to the [`Participant`], and its errors mapped to status codes with
 //! [`Error::to_status`] (unknown resource, step or callback names are NOT_FOUND).
+//!
+//! Tracing: a call's W3C `traceparent` metadata (the coordinator sends one for every call of a
+//! transaction) is read here, and its trace id is put on the call's span as `trace_id`, beside
+//! the transaction id (`txn`, or `saga` and `step`), so the participant's logs join the
+//! transaction's trace.
 
 use std::future::Future;
 
-use tandem_common::{BranchIdx, TxnId};
+use tandem_common::trace_context::TRACEPARENT;
+use tandem_common::{BranchIdx, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -38,6 +44,24 @@ pub const HANDLER_NAME_LEN_MAX: usize = 128;
 /// The gRPC service wrapping a [`Participant`].
 pub struct ParticipantService {
     participant: Participant,
+}
+
+/// The trace context of a call (its `traceparent` metadata), if it has a valid one.
+fn incoming_trace<T>(request: &Request<T>) -> Option<TraceContext> {
+    TraceContext::from_incoming(
+        request
+            .metadata()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// Puts the call's trace id on `span` (declared with `trace_id = Empty`) and returns it.
+fn traced(span: tracing::Span, trace: Option<TraceContext>) -> tracing::Span {
+    if let Some(trace) = trace {
+        span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+    }
+    span
 }
 
 fn parse_txn(id: &str) -> Result<TxnId, Status> {
@@ -116,6 +140,7 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
+        let trace = incoming_trace(&request);
         let request = request.into_inner();
         let txn = parse_txn(&request.txn_id)?;
         check_payload(&request.payload)?;
@@ -127,7 +152,8 @@ impl pb::participant_server::Participant for ParticipantService {
             branch: BranchIdx(request.branch),
             resource: request.resource,
         };
-        let span = tracing::debug_span!("prepare", txn = %ctx.txn, branch = %ctx.branch);
+        let span = tracing::debug_span!("prepare", txn = %ctx.txn, branch = %ctx.branch, trace_id = tracing::field::Empty);
+        let span = traced(span, trace);
         let vote = self
             .participant
             .prepare(&ctx, &request.payload, &request.coordinator)
@@ -148,14 +174,16 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::DecisionRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
-        self.decide(request.into_inner(), true).await
+        let trace = incoming_trace(&request);
+        self.decide(request.into_inner(), true, trace).await
     }
 
     async fn abort(
         &self,
         request: Request<pb::DecisionRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
-        self.decide(request.into_inner(), false).await
+        let trace = incoming_trace(&request);
+        self.decide(request.into_inner(), false, trace).await
     }
 
     async fn ping(
@@ -169,11 +197,15 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::StepRequest>,
     ) -> Result<Response<pb::ActResponse>, Status> {
+        let trace = incoming_trace(&request);
         let (ctx, payload) = step_request(request.into_inner())?;
-        // The participant's calls open their own spans (with the saga id and step).
+        let span = tracing::debug_span!("act_call", saga = %ctx.saga, step = ctx.step, trace_id = tracing::field::Empty);
+        let span = traced(span, trace);
+        // The participant's calls open their own spans too (with the step's name).
         let outcome = self
             .participant
             .act(&ctx, &payload)
+            .instrument(span)
             .await
             .map_err(|e| e.to_status())?;
         let (result, reason) = match outcome {
@@ -190,9 +222,13 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::StepRequest>,
     ) -> Result<Response<pb::CompensateResponse>, Status> {
+        let trace = incoming_trace(&request);
         let (ctx, payload) = step_request(request.into_inner())?;
+        let span = tracing::debug_span!("compensate_call", saga = %ctx.saga, step = ctx.step, trace_id = tracing::field::Empty);
+        let span = traced(span, trace);
         self.participant
             .compensate(&ctx, &payload)
+            .instrument(span)
             .await
             .map_err(|e| e.to_status())?;
         Ok(Response::new(pb::CompensateResponse {}))
@@ -202,9 +238,13 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::SagaFinishedRequest>,
     ) -> Result<Response<pb::SagaFinishedResponse>, Status> {
+        let trace = incoming_trace(&request);
         let (handler, outcome) = finished_request(request.into_inner())?;
+        let span = tracing::debug_span!("saga_finished_call", saga = %outcome.id, trace_id = tracing::field::Empty);
+        let span = traced(span, trace);
         self.participant
             .saga_finished(&handler, &outcome)
+            .instrument(span)
             .await
             .map_err(|e| e.to_status())?;
         Ok(Response::new(pb::SagaFinishedResponse {}))
@@ -216,12 +256,13 @@ impl ParticipantService {
         &self,
         request: pb::DecisionRequest,
         commit: bool,
+        trace: Option<TraceContext>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
         let txn = parse_txn(&request.txn_id)?;
-        let span = tracing::debug_span!("decide", txn = %txn, branch = request.branch, commit);
+        let span = tracing::debug_span!("decide", txn = %txn, branch = request.branch, commit, trace_id = tracing::field::Empty);
         self.participant
             .decide(&txn, BranchIdx(request.branch), &request.resource, commit)
-            .instrument(span)
+            .instrument(traced(span, trace))
             .await
             .map_err(|e| e.to_status())?;
         Ok(Response::new(pb::DecisionResponse {}))

@@ -25,6 +25,12 @@
 //!
 //! Terminal records leave the log after the configured retention ([`retention`]: a task the
 //! runtime starts and stops, working off this loop).
+//!
+//! Observability: the loop reports to [`Metrics`] (from the configuration) as effects are
+//! carried out, and keeps, for each transaction and saga in flight, when it started here and
+//! its W3C trace context ([`Observed`], in memory only, never in the log). Every participant
+//! call carries a child of that context; every event the loop handles runs in a span naming
+//! the transaction (`txn` or `saga`) and its `trace_id`.
 
 mod admin;
 pub mod retention;
@@ -36,12 +42,12 @@ pub use admin::{
 };
 pub use sagas::{SagaView, SubmitSagaRequest, WatchItem};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_common::crash::crash_point;
-use tandem_common::{unix_now_ms, TxnId};
+use tandem_common::{unix_now_ms, TraceContext, TxnId};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
@@ -52,6 +58,7 @@ use crate::engine::{Durability, Effect, Engine, EngineConfig, Event, Timer};
 use crate::error::CoordinatorError;
 use crate::log::record::{Fingerprint, TxnRecord};
 use crate::log::TxnLog;
+use crate::metrics::{Finished, Kind, Metrics, Retry};
 use crate::transport::{
     CallFuture, DecisionCall, ParticipantTransport, PrepareCall, TransportError,
 };
@@ -68,6 +75,8 @@ pub struct ExecuteRequest {
     pub branches: Vec<BranchSpec>,
     pub fingerprint: Fingerprint,
     pub timeout_ms: u64,
+    /// The client's trace context (W3C `traceparent`), if it sent one.
+    pub trace: Option<TraceContext>,
 }
 
 /// What a participant asking about its branch is told.
@@ -108,6 +117,30 @@ enum LoopEvent {
 enum TimerEntry {
     TwoPhase(TxnId, Timer),
     Saga(TxnId, SagaTimer),
+}
+
+/// What the runtime keeps of a transaction or saga in flight for metrics and tracing.
+struct Observed {
+    /// When it started in this process; `None` if it was recovered.
+    started: Option<Instant>,
+    /// Its trace: the client's, or a new one.
+    trace: TraceContext,
+}
+
+impl Observed {
+    fn started(trace: Option<TraceContext>) -> Observed {
+        Observed {
+            started: Some(Instant::now()),
+            trace: trace.unwrap_or_else(TraceContext::new_root),
+        }
+    }
+
+    fn recovered() -> Observed {
+        Observed {
+            started: None,
+            trace: TraceContext::new_root(),
+        }
+    }
 }
 
 /// The handle gRPC handlers use to talk to the runtime. Cheap to clone.
@@ -249,6 +282,7 @@ pub fn start(
         },
         config.rng_seed.wrapping_add(1),
     );
+    let config_metrics = config.metrics.clone();
     let mut runtime = Runtime {
         engine,
         log,
@@ -260,6 +294,9 @@ pub fn start(
         events_tx,
         sagas: sagas::SagaSide::new(saga_engine),
         retention: None,
+        metrics: config_metrics,
+        observed: HashMap::new(),
+        stuck: HashSet::new(),
     };
     runtime.recover()?;
     runtime.retention = retention::spawn(runtime.log.clone(), &runtime.config);
@@ -301,6 +338,11 @@ struct Runtime {
     sagas: sagas::SagaSide,
     /// The retention task; it stops when the loop ends and drops this.
     retention: Option<retention::RetentionTask>,
+    metrics: Arc<Metrics>,
+    /// Start time and trace of every transaction and saga in flight (their ids never collide).
+    observed: HashMap<TxnId, Observed>,
+    /// Sagas flagged stuck now.
+    stuck: HashSet<TxnId>,
 }
 
 /// Stops the process: the log can no longer prove what it wrote.
@@ -321,6 +363,8 @@ impl Runtime {
             let span = tracing::info_span!("recover", txn = %txn);
             let _enter = span.enter();
             tracing::info!(record = ?record, "recovering");
+            self.observed.insert(txn.clone(), Observed::recovered());
+            self.metrics.recovered(Kind::TwoPc);
             let effects = self.engine.step(now, Event::Recovered { txn, record });
             self.apply(effects);
             recovered += 1;
@@ -371,6 +415,10 @@ impl Runtime {
                     }
                 }
             }
+            self.metrics
+                .set_in_flight(Kind::TwoPc, self.engine.in_flight());
+            self.metrics
+                .set_in_flight(Kind::Saga, self.sagas.engine.in_flight());
         }
         for (_, waiters) in self.waiters.drain() {
             for waiter in waiters {
@@ -397,8 +445,57 @@ impl Runtime {
 
     fn on_event(&mut self, event: Event) {
         self.history_of_event(&event);
+        let span = self.txn_span(event.txn(), false);
+        let _enter = span.enter();
+        let redelivery = matches!(
+            event,
+            Event::TimerFired {
+                timer: Timer::Redeliver { .. },
+                ..
+            }
+        );
         let effects = self.engine.step(unix_now_ms(), event);
+        if redelivery {
+            for effect in &effects {
+                if matches!(effect, Effect::SendDecision { .. }) {
+                    self.metrics.retried(Retry::Decision);
+                }
+            }
+        }
         self.apply(effects);
+    }
+
+    /// The span the loop handles an event of `id` in: it names the transaction (`txn`, or
+    /// `saga` if `saga`) and its trace. The trace is looked up only if the span is enabled.
+    fn txn_span(&self, id: &TxnId, saga: bool) -> tracing::Span {
+        let span = if saga {
+            tracing::debug_span!("saga_event", saga = %id, trace_id = tracing::field::Empty)
+        } else {
+            tracing::debug_span!("txn_event", txn = %id, trace_id = tracing::field::Empty)
+        };
+        if !span.is_disabled() {
+            if let Some(observed) = self.observed.get(id) {
+                span.record(
+                    "trace_id",
+                    tracing::field::display(observed.trace.trace_id_hex()),
+                );
+                crate::otel::link(&span, &observed.trace);
+            }
+        }
+        span
+    }
+
+    /// A child of `id`'s trace context, for a participant call.
+    fn child_trace(&self, id: &TxnId) -> Option<TraceContext> {
+        self.observed.get(id).map(|observed| observed.trace.child())
+    }
+
+    /// How long ago `id` started in this process, if it did.
+    fn age(&self, id: &TxnId) -> Option<Duration> {
+        self.observed
+            .get(id)
+            .and_then(|observed| observed.started)
+            .map(|started| started.elapsed())
     }
 
     fn on_command(&mut self, command: Command) {
@@ -416,6 +513,8 @@ impl Runtime {
                 let _ = reply.send(status);
             }
             Command::QueryOutcome { txn, reply } => {
+                let span = self.txn_span(&txn, false);
+                let _enter = span.enter();
                 let outcome = match self.engine.lookup(&txn) {
                     Some((_, Some(decision))) => Ok(queried(decision)),
                     Some((_, None)) => Ok(QueriedOutcome::Pending),
@@ -521,6 +620,11 @@ impl Runtime {
             return;
         }
         self.waiters.entry(txn.clone()).or_default().push(reply);
+        self.observed
+            .insert(txn.clone(), Observed::started(request.trace));
+        self.metrics.started(Kind::TwoPc);
+        let span = self.txn_span(&txn, false);
+        let _enter = span.enter();
         let effects = self.engine.step(
             now,
             Event::Begin {
@@ -556,6 +660,7 @@ impl Runtime {
                         payload,
                         coordinator: self.config.advertise.clone(),
                         timeout: Duration::from_millis(remaining),
+                        trace: self.child_trace(&txn),
                     };
                     let span = tracing::debug_span!("prepare", txn = %txn, %branch);
                     self.report(span, self.transport.prepare(call), move |answer| {
@@ -581,6 +686,7 @@ impl Runtime {
                         target,
                         commit,
                         timeout: self.config.decision_call_timeout(),
+                        trace: self.child_trace(&txn),
                     };
                     let span = tracing::debug_span!("deliver", txn = %txn, %branch, commit);
                     self.report(span, self.transport.deliver(call), move |answer| {
@@ -602,6 +708,11 @@ impl Runtime {
                 }
                 Effect::Reply { txn, outcome } => {
                     tracing::debug!(txn = %txn, ?outcome, "outcome durable; replying");
+                    let finished = match outcome {
+                        Outcome::Committed => Finished::Committed,
+                        Outcome::Aborted { .. } => Finished::Aborted,
+                    };
+                    self.metrics.finished(finished, self.age(&txn));
                     for waiter in self.waiters.remove(&txn).unwrap_or_default() {
                         let _ = waiter.send(Ok(outcome.clone()));
                     }
@@ -612,6 +723,7 @@ impl Runtime {
                         "{txn} finished with clients still waiting"
                     );
                     tracing::debug!(txn = %txn, "finished");
+                    self.observed.remove(&txn);
                 }
             }
         }
@@ -621,6 +733,9 @@ impl Runtime {
         let deciding = matches!(record, TxnRecord::Decided { .. });
         if deciding {
             crash_point("coordinator.before_decision_persisted");
+            if let Some(took) = self.age(&txn) {
+                self.metrics.prepare_round(took);
+            }
         }
         if let Err(e) = self.log.put(&txn, &record) {
             fatal("writing to the transaction log failed", &e);

@@ -344,6 +344,7 @@ mod tests {
                 }],
                 fingerprint: [9; 32],
                 timeout_ms: 1_000,
+                trace: None,
             })
             .await;
         assert!(

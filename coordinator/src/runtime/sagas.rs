@@ -22,16 +22,17 @@
 use std::collections::{HashMap, VecDeque};
 
 use tandem_common::crash::crash_point;
-use tandem_common::{unix_now_ms, TxnId};
+use tandem_common::{unix_now_ms, TraceContext, TxnId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{fatal, LoopEvent, Runtime, TimerEntry};
+use super::{fatal, LoopEvent, Observed, Runtime, TimerEntry};
 use crate::engine::saga::{
-    ActionAnswer, ChangeKind, SagaChange, SagaEffect, SagaEngine, SagaEvent, SagaPhase, SagaSpec,
-    SagaStatus, StepPhase, StepStatus,
+    ActionAnswer, ChangeKind, SagaChange, SagaEffect, SagaEngine, SagaEvent, SagaOutcome,
+    SagaPhase, SagaSpec, SagaStatus, SagaTimer, StepPhase, StepStatus,
 };
 use crate::error::CoordinatorError;
 use crate::log::record::{Fingerprint, SagaSpecRecord, StoredSaga};
+use crate::metrics::{Finished, Kind, Retry};
 use crate::transport::{CallbackCall, StepCall};
 
 /// Most changes kept per saga for late watchers.
@@ -47,6 +48,8 @@ pub struct SubmitSagaRequest {
     pub saga: TxnId,
     pub spec: SagaSpec,
     pub fingerprint: Fingerprint,
+    /// The client's trace context (W3C `traceparent`), if it sent one.
+    pub trace: Option<TraceContext>,
 }
 
 /// A saga as clients see it.
@@ -210,6 +213,12 @@ impl Runtime {
             let span = tracing::info_span!("recover_saga", saga = %saga);
             let _enter = span.enter();
             tracing::info!("resuming saga");
+            self.observed.insert(saga.clone(), Observed::recovered());
+            self.metrics.recovered(Kind::Saga);
+            if stored.progress.as_ref().is_some_and(|p| p.stuck) {
+                self.stuck.insert(saga.clone());
+                self.metrics.set_sagas_stuck(self.stuck.len());
+            }
             self.sagas
                 .step_names
                 .insert(saga.clone(), step_names(&stored.spec.spec));
@@ -331,6 +340,11 @@ impl Runtime {
             .step_names
             .insert(saga.clone(), step_names(&request.spec));
         self.sagas.accept_waiters.insert(saga.clone(), vec![reply]);
+        self.observed
+            .insert(saga.clone(), Observed::started(request.trace));
+        self.metrics.started(Kind::Saga);
+        let span = self.txn_span(&saga, true);
+        let _enter = span.enter();
         let effects = self.sagas.engine.step(
             unix_now_ms(),
             SagaEvent::Submit {
@@ -415,6 +429,8 @@ impl Runtime {
     }
 
     pub(super) fn on_saga_event(&mut self, event: SagaEvent) {
+        let span = self.txn_span(event.saga(), true);
+        let _enter = span.enter();
         if matches!(
             event,
             SagaEvent::ActionAnswered {
@@ -428,7 +444,27 @@ impl Runtime {
             event,
             SagaEvent::CompensationAnswered { answer: Ok(()), .. }
         );
+        let retry = match &event {
+            SagaEvent::TimerFired { timer, .. } => Some(match timer {
+                SagaTimer::RetryAction { .. } => Retry::Action,
+                SagaTimer::RetryCompensation { .. } => Retry::Compensation,
+                SagaTimer::RetryCallback { .. } => Retry::Callback,
+            }),
+            _ => None,
+        };
         let effects = self.sagas.engine.step(unix_now_ms(), event);
+        if let Some(retry) = retry {
+            for effect in &effects {
+                if matches!(
+                    effect,
+                    SagaEffect::SendAction { .. }
+                        | SagaEffect::SendCompensation { .. }
+                        | SagaEffect::SendCallback { .. }
+                ) {
+                    self.metrics.retried(retry);
+                }
+            }
+        }
         self.apply_saga(effects);
         if compensated {
             crash_point("coordinator.during_compensation");
@@ -499,6 +535,7 @@ impl Runtime {
                         target,
                         payload,
                         timeout: std::time::Duration::from_millis(timeout_ms),
+                        trace: self.child_trace(&saga),
                     };
                     let span = tracing::debug_span!("act", saga = %saga, step, attempt);
                     self.report(span, self.transport.act(call), move |answer| {
@@ -528,6 +565,7 @@ impl Runtime {
                         target,
                         payload,
                         timeout: self.config.decision_call_timeout(),
+                        trace: self.child_trace(&saga),
                     };
                     let span = tracing::debug_span!("compensate", saga = %saga, step, attempt);
                     self.report(span, self.transport.compensate(call), move |answer| {
@@ -555,6 +593,7 @@ impl Runtime {
                         target,
                         state: view,
                         timeout: self.config.decision_call_timeout(),
+                        trace: self.child_trace(&saga),
                     };
                     let span = tracing::debug_span!("callback", saga = %saga);
                     self.report(span, self.transport.saga_finished(call), move |answer| {
@@ -577,6 +616,12 @@ impl Runtime {
                 SagaEffect::Notify { saga, change } => self.notify(saga, change),
                 SagaEffect::Terminal { saga, outcome } => {
                     tracing::debug!(saga = %saga, ?outcome, "saga terminal");
+                    let finished = match outcome {
+                        SagaOutcome::Completed => Finished::SagaCompleted,
+                        SagaOutcome::Compensated { .. } => Finished::SagaCompensated,
+                        SagaOutcome::Aborted { .. } => Finished::SagaAborted,
+                    };
+                    self.metrics.finished(finished, self.age(&saga));
                     // The engine may have dropped the saga in this very step (no callback
                     // owed); its progress, outcome included, is in the log by now.
                     let view = match self.saga_view(&saga) {
@@ -598,6 +643,10 @@ impl Runtime {
                 }
                 SagaEffect::Finished { saga } => {
                     tracing::debug!(saga = %saga, "saga finished");
+                    self.observed.remove(&saga);
+                    if self.stuck.remove(&saga) {
+                        self.metrics.set_sagas_stuck(self.stuck.len());
+                    }
                     self.sagas.step_names.remove(&saga);
                     self.sagas.watchers.remove(&saga);
                     let history = self.sagas.histories.remove(&saga).unwrap_or_default();
@@ -619,6 +668,21 @@ impl Runtime {
     fn notify(&mut self, saga: TxnId, change: SagaChange) {
         self.history_of_change(&saga, &change);
         let finished = change.kind == ChangeKind::Finished;
+        // Stuck is set by a STUCK change and cleared by the next compensation that succeeds.
+        let stuck_changed = match change.kind {
+            ChangeKind::Stuck => self.stuck.insert(saga.clone()),
+            ChangeKind::StepCompensated | ChangeKind::Finished => self.stuck.remove(&saga),
+            ChangeKind::Accepted
+            | ChangeKind::StepStarted
+            | ChangeKind::StepSucceeded
+            | ChangeKind::StepFailed
+            | ChangeKind::StepRetried
+            | ChangeKind::CompensationStarted
+            | ChangeKind::CompensationRetried => false,
+        };
+        if stuck_changed {
+            self.metrics.set_sagas_stuck(self.stuck.len());
+        }
         let history = self.sagas.histories.entry(saga.clone()).or_default();
         let retry = matches!(
             change.kind,

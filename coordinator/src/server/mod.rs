@@ -16,7 +16,8 @@ use tokio_stream::StreamExt;
 use tracing::Instrument;
 
 use sha2::{Digest, Sha256};
-use tandem_common::{unix_now_ms, TxnId};
+use tandem_common::trace_context::TRACEPARENT;
+use tandem_common::{unix_now_ms, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
 use tonic::codegen::http::Uri;
 use tonic::{Request, Response, Status};
@@ -230,7 +231,14 @@ pub fn validate_execute(
         branches,
         fingerprint,
         timeout_ms,
+        trace: None,
     })
+}
+
+/// The W3C trace context a client sent in the `traceparent` metadata entry. A malformed one is
+/// ignored (the transaction then starts a trace of its own), as the W3C recommendation says.
+pub fn incoming_trace(metadata: &tonic::metadata::MetadataMap) -> Option<TraceContext> {
+    TraceContext::from_incoming(metadata.get(TRACEPARENT).and_then(|v| v.to_str().ok()))
 }
 
 fn parse_existing_id(id: &str) -> Result<TxnId, Status> {
@@ -251,10 +259,20 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::Execute2pcRequest>,
     ) -> Result<Response<pb::Execute2pcResponse>, Status> {
         let started = Instant::now();
-        let request = validate_execute(request.into_inner(), &self.config, unix_now_ms())?;
+        let trace = incoming_trace(request.metadata());
+        let mut request = validate_execute(request.into_inner(), &self.config, unix_now_ms())?;
+        request.trace = trace;
         let txn = request.txn.clone();
-        let span =
-            tracing::info_span!("execute_2pc", txn = %txn, branches = request.branches.len());
+        let span = tracing::info_span!(
+            "execute_2pc",
+            txn = %txn,
+            branches = request.branches.len(),
+            trace_id = tracing::field::Empty
+        );
+        if let Some(trace) = &trace {
+            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+            crate::otel::link(&span, trace);
+        }
         let outcome = self
             .handle
             .execute(request)
@@ -280,13 +298,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::GetTransactionRequest>,
     ) -> Result<Response<pb::GetTransactionResponse>, Status> {
         let txn = parse_existing_id(&request.into_inner().txn_id)?;
-        let status =
-            self.handle
-                .status(txn.clone())
-                .await?
-                .ok_or_else(|| CoordinatorError::NotFound {
-                    txn: txn.to_string(),
-                })?;
+        let span = tracing::debug_span!("get_transaction", txn = %txn);
+        let status = self
+            .handle
+            .status(txn.clone())
+            .instrument(span)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound {
+                txn: txn.to_string(),
+            })?;
         let (outcome, reason) = match &status.decision {
             Some(decision) => outcome_to_pb(&decision.outcome()),
             None => (pb::Outcome::Pending, String::new()),
@@ -334,7 +354,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::QueryOutcomeResponse>, Status> {
         let request = request.into_inner();
         let txn = parse_existing_id(&request.txn_id)?;
-        let outcome = match self.handle.query_outcome(txn).await? {
+        let span = tracing::debug_span!("query_outcome", txn = %txn);
+        let outcome = match self.handle.query_outcome(txn).instrument(span).await? {
             QueriedOutcome::Committed => pb::Outcome::Committed,
             QueriedOutcome::Aborted => pb::Outcome::Aborted,
             QueriedOutcome::Pending => pb::Outcome::Pending,
@@ -359,9 +380,19 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::SubmitSagaRequest>,
     ) -> Result<Response<pb::SubmitSagaResponse>, Status> {
-        let request =
+        let trace = incoming_trace(request.metadata());
+        let mut request =
             saga::validate_submit_saga(request.into_inner(), &self.config, unix_now_ms())?;
-        let span = tracing::info_span!("submit_saga", saga = %request.saga);
+        request.trace = trace;
+        let span = tracing::info_span!(
+            "submit_saga",
+            saga = %request.saga,
+            trace_id = tracing::field::Empty
+        );
+        if let Some(trace) = &trace {
+            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+            crate::otel::link(&span, trace);
+        }
         let saga = self.handle.submit_saga(request).instrument(span).await?;
         Ok(Response::new(pb::SubmitSagaResponse {
             saga_id: saga.to_string(),
@@ -373,7 +404,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::GetSagaRequest>,
     ) -> Result<Response<pb::SagaState>, Status> {
         let saga = saga::parse_saga_id(&request.into_inner().saga_id)?;
-        match self.handle.get_saga(saga.clone()).await? {
+        let span = tracing::debug_span!("get_saga", saga = %saga);
+        match self.handle.get_saga(saga.clone()).instrument(span).await? {
             Some(view) => Ok(Response::new(saga::view_to_pb(&view))),
             None => Err(CoordinatorError::NotFound {
                 txn: saga.to_string(),
@@ -395,7 +427,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             )));
         }
         let timeout = std::time::Duration::from_millis(request.timeout_ms);
-        match self.handle.wait_saga(saga.clone(), timeout).await? {
+        let span = tracing::debug_span!("wait_saga", saga = %saga);
+        match self
+            .handle
+            .wait_saga(saga.clone(), timeout)
+            .instrument(span)
+            .await?
+        {
             Some(view) => Ok(Response::new(saga::view_to_pb(&view))),
             None => Err(CoordinatorError::NotFound {
                 txn: saga.to_string(),
@@ -415,11 +453,22 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             }
             .into()
         };
-        let names = match self.handle.get_saga(saga.clone()).await? {
+        let span = tracing::debug_span!("watch_saga", saga = %saga);
+        let names = match self
+            .handle
+            .get_saga(saga.clone())
+            .instrument(span.clone())
+            .await?
+        {
             Some(view) => view.step_names,
             None => return Err(not_found()),
         };
-        let Some(changes) = self.handle.watch_saga(saga.clone()).await? else {
+        let Some(changes) = self
+            .handle
+            .watch_saga(saga.clone())
+            .instrument(span)
+            .await?
+        else {
             return Err(not_found());
         };
         let stream = tokio_stream::wrappers::ReceiverStream::new(changes)

@@ -243,6 +243,7 @@ pub fn validate_submit_saga(
         saga,
         spec,
         fingerprint,
+        trace: None,
     })
 }
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
+use tandem_common::logging::{self, LogFormat};
 use tandem_participant::{
     bank, Outcome, SagaChange, SagaChangeKind, SagaOutcome, SagaState, TandemClient, TxnId,
 };
@@ -35,6 +36,10 @@ use tokio_stream::StreamExt;
     version
 )]
 struct Cli {
+    /// Log format: human or json (default: $TANDEM_LOG_FORMAT, else human). Logs go to
+    /// stderr; the level comes from RUST_LOG (default warn).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -370,13 +375,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    if let Err(e) = logging::resolve_format(cli.log_format)
+        .and_then(|format| logging::init(format, "warn", None))
+    {
+        eprintln!("tandem-bank: {e}");
+        return ExitCode::from(2);
+    }
+    match run(cli).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tandem-bank: {e:#}");

@@ -15,13 +15,20 @@
 //! call); a saga costs `steps + 1` RPCs on its critical path (submit, one action per step).
 //! `--submit-only` measures accepted submissions per second instead; the sagas still run in
 //! the background, as they would in production.
+//!
+//! While the load runs, progress goes to stderr ([`tandem_common::progress`]): a bar on a
+//! terminal, a plain line every few seconds otherwise, counting outcomes since the start
+//! (warm-up included).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Subcommand;
 use tandem_common::child::ChildServer;
+use tandem_common::progress::Progress;
 use tandem_common::SplitMix64;
 use tandem_participant::{bank, Outcome, Saga, SagaOutcome, Step, TandemClient};
 
@@ -125,6 +132,70 @@ async fn participant(args: ParticipantArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the progress display is given the counters.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// The outcome counts (one or two) the closed loops bump as they go, for the progress display.
+struct Tally {
+    names: &'static [&'static str],
+    counts: [AtomicU64; 2],
+}
+
+impl Tally {
+    fn new(names: &'static [&'static str]) -> Arc<Tally> {
+        assert!(
+            matches!(names.len(), 1 | 2),
+            "a tally counts one or two outcomes"
+        );
+        Arc::new(Tally {
+            names,
+            counts: Default::default(),
+        })
+    }
+
+    /// Counts one outcome: the first name's if `first`, else the second's.
+    fn add(&self, first: bool) {
+        self.counts[usize::from(!first)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> Vec<(&'static str, u64)> {
+        self.names
+            .iter()
+            .zip(&self.counts)
+            .map(|(name, count)| (*name, count.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// Shows the tally's progress until [`ProgressTask::finish`].
+struct ProgressTask {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProgressTask {
+    fn start(label: &str, total: Duration, tally: Arc<Tally>) -> ProgressTask {
+        let mut progress = Progress::start(label, total);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(PROGRESS_EVERY);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = every.tick() => progress.update(&tally.read()),
+                }
+            }
+            progress.finish(&tally.read());
+        });
+        ProgressTask { stop, task }
+    }
+
+    async fn finish(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
 /// One closed loop's result: latencies in µs, then its two outcome counts.
 type LoopResult = Result<(Vec<u64>, u64, u64), tandem_participant::Error>;
 
@@ -178,10 +249,17 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let measure_from = start + args.load.warmup;
     let end = measure_from + args.load.duration;
+    let tally = Tally::new(&["committed", "aborted"]);
+    let progress = ProgressTask::start(
+        "bench 2pc",
+        args.load.warmup + args.load.duration,
+        tally.clone(),
+    );
     let workers = futures::future::join_all((0..args.load.concurrency).map(|i| {
         let mut client = clients[i as usize % clients.len()].clone();
         let bank_addrs = bank_addrs.clone();
         let accounts = args.load.accounts as u64;
+        let tally = tally.clone();
         async move {
             let mut rng = SplitMix64::new(0x5eed ^ i as u64);
             let (mut latencies, mut committed, mut aborted) = (Vec::new(), 0u64, 0u64);
@@ -205,6 +283,7 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
                     1,
                 );
                 let outcome = client.execute_2pc(branches).await?;
+                tally.add(matches!(outcome, Outcome::Committed));
                 let done = Instant::now();
                 if now >= measure_from && done <= end {
                     latencies.push(done.duration_since(now).as_micros() as u64);
@@ -218,6 +297,7 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
         }
     }))
     .await;
+    progress.finish().await;
     let (committed, aborted, (p50, p99, p999)) = summarize(workers, "a transfer")?;
     let seconds = args.load.duration.as_secs_f64();
     let tps = committed as f64 / seconds;
@@ -411,11 +491,22 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let measure_from = start + args.load.warmup;
     let end = measure_from + args.load.duration;
+    let tally = Tally::new(if args.submit_only {
+        &["accepted"]
+    } else {
+        &["completed", "compensated"]
+    });
+    let progress = ProgressTask::start(
+        "bench saga",
+        args.load.warmup + args.load.duration,
+        tally.clone(),
+    );
     let workers = futures::future::join_all((0..args.load.concurrency).map(|i| {
         let client = cluster.clients[i as usize % cluster.clients.len()].clone();
         let bank_addrs = cluster.bank_addrs.clone();
         let (accounts, steps, submit_only) =
             (u64::from(args.load.accounts), args.steps, args.submit_only);
+        let tally = tally.clone();
         async move {
             let mut rng = SplitMix64::new(0x5a6a ^ u64::from(i));
             let (mut latencies, mut completed, mut compensated) = (Vec::new(), 0u64, 0u64);
@@ -433,9 +524,11 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
                     Some(client.wait(&id, Duration::from_secs(60)).await?)
                 };
                 let done = Instant::now();
+                let outcome = state.as_ref().and_then(|s| s.outcome());
+                tally.add(submit_only || matches!(outcome, Some(SagaOutcome::Completed)));
                 if now >= measure_from && done <= end {
                     latencies.push(done.duration_since(now).as_micros() as u64);
-                    match state.and_then(|s| s.outcome()) {
+                    match outcome {
                         None if submit_only => completed += 1,
                         Some(SagaOutcome::Completed) => completed += 1,
                         Some(_) => compensated += 1,
@@ -451,6 +544,7 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
         }
     }))
     .await;
+    progress.finish().await;
     let (completed, compensated, (p50, p99, p999)) = summarize(workers, "a saga")?;
     let seconds = args.load.duration.as_secs_f64();
     let rate = completed as f64 / seconds;

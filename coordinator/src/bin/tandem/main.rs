@@ -17,6 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 pub use serve::shutdown_signal;
+use tandem_common::logging::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +26,10 @@ pub use serve::shutdown_signal;
     version
 )]
 struct Cli {
+    /// Log format: human or json (default: $TANDEM_LOG_FORMAT, else human). Logs go to
+    /// stderr; the level comes from RUST_LOG (default warn).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,23 +52,80 @@ enum Command {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Flushes the span exporter when dropped at the end of `main` (feature `otel`; without it
+/// there is nothing to flush).
+struct ExportGuard {
+    #[cfg(feature = "otel")]
+    exporter: Option<tandem_coordinator::otel::Exporter>,
+}
+
+impl Drop for ExportGuard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otel")]
+        if let Some(exporter) = self.exporter.take() {
+            exporter.shutdown();
+        }
+    }
+}
+
+/// Installs the log subscriber, and with feature `otel` the span exporter to `otel_endpoint`
+/// (the daemon's configuration key; `serve::validate` refuses it in a build without `otel`).
+fn init_logging(
+    format: Option<LogFormat>,
+    otel_endpoint: Option<&str>,
+) -> anyhow::Result<ExportGuard> {
+    let format = logging::resolve_format(format)?;
+    #[cfg(feature = "otel")]
+    {
+        use anyhow::Context;
+        let (extra, exporter) = match otel_endpoint {
+            Some(endpoint) => {
+                let (layer, exporter) = tandem_coordinator::otel::layer(endpoint)
+                    .with_context(|| format!("otel_endpoint {endpoint}"))?;
+                (Some(layer), Some(exporter))
+            }
+            None => (None, None),
+        };
+        logging::init(format, "warn", extra)?;
+        Ok(ExportGuard { exporter })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        debug_assert!(otel_endpoint.is_none(), "refused by serve::validate");
+        logging::init(format, "warn", None)?;
+        Ok(ExportGuard {})
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            // The configuration comes first: it names the span exporter, if any.
+            let settings = serve::load(&args)?;
+            let _export = init_logging(cli.log_format, settings.otel_endpoint.as_deref())?;
+            serve::serve(*args, settings).await?;
+        }
+        Command::Demo(args) => {
+            let _export = init_logging(cli.log_format, None)?;
+            demo::run(args).await?;
+        }
+        Command::Bench(command) => {
+            let _export = init_logging(cli.log_format, None)?;
+            bench::run(command).await?;
+        }
+        Command::Txn(args) => {
+            let _export = init_logging(cli.log_format, None)?;
+            // Its own exit codes: 1 refused, 2 malformed (docs/operations.md).
+            return Ok(txn::run(args).await);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let result = match Cli::parse().command {
-        Command::Serve(args) => serve::serve(*args).await,
-        Command::Demo(args) => demo::run(args).await,
-        Command::Bench(command) => bench::run(command).await,
-        // Its own exit codes: 1 refused, 2 malformed (docs/operations.md).
-        Command::Txn(args) => return txn::run(args).await,
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    match run(Cli::parse()).await {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("tandem: {e:#}");
             ExitCode::from(2)

@@ -22,7 +22,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use tandem_common::duration::{millis, parse_duration, parse_retention};
 use tandem_coordinator::config::{format_host_patterns, parse_host_patterns, RETRY_DELAY_MS_MAX};
-use tandem_coordinator::{daemon, CoordinatorConfig};
+use tandem_coordinator::{daemon, metrics, CoordinatorConfig};
 
 /// The daemon's configuration: one field per key, with the defaults of [`Default`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -72,6 +72,13 @@ pub struct ServeConfig {
     pub retention: String,
     /// Transaction and saga ids older than this are refused, so that an id is never reused.
     pub txn_id_age_max: String,
+    /// Where to serve Prometheus metrics (`http://ADDR/metrics`); none by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+    /// Where to export spans over OTLP/gRPC (builds with feature `otel` only); none by
+    /// default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otel_endpoint: Option<String>,
 }
 
 impl Default for ServeConfig {
@@ -97,6 +104,8 @@ impl Default for ServeConfig {
             allow_participants: format_host_patterns(&engine.participant_hosts_allowed),
             retention: "7d".into(),
             txn_id_age_max: "7d".into(),
+            metrics_listen: None,
+            otel_endpoint: None,
         }
     }
 }
@@ -211,6 +220,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub txn_id_age_max: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free port; the bound
+    /// address is printed as `tandem metrics serving on ADDR`). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+    /// Export spans over OTLP/gRPC to this endpoint (e.g. http://127.0.0.1:4317); only in a
+    /// build with the `otel` feature. Off by default.
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otel_endpoint: Option<String>,
 }
 
 /// The names of every configuration key, from the defaults' own serialisation (so the list
@@ -339,6 +358,12 @@ fn validate(c: &ServeConfig) -> anyhow::Result<()> {
     if let Err(e) = parse_host_patterns(&c.allow_participants) {
         refuse("allow_participants", e)?;
     }
+    if c.otel_endpoint.is_some() && !cfg!(feature = "otel") {
+        refuse(
+            "otel_endpoint",
+            "this build has no OpenTelemetry export (build tandem with --features otel)",
+        )?;
+    }
     let (retention, id_age_max) = retention_and_id_age(c)?;
     let mut engine = CoordinatorConfig::new(String::new());
     engine.terminal_retention_ms = retention;
@@ -379,8 +404,8 @@ pub async fn shutdown_signal() {
     }
 }
 
-pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let settings = load(&args)?;
+/// Runs the daemon with `settings` (from [`load`]) until SIGTERM/SIGINT.
+pub async fn serve(args: ServeArgs, settings: ServeConfig) -> anyhow::Result<()> {
     if args.print_config {
         print!("{}", to_toml(&settings));
         return Ok(());
@@ -424,6 +449,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "participant hosts allowed"
     );
     config.participant_hosts_allowed = participant_hosts_allowed;
+    // Closed (dropped) once the daemon has stopped, which stops the metrics endpoint too.
+    let (_metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(metrics_listen) = &settings.metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)
+            .await
+            .with_context(|| format!("metrics_listen {metrics_listen}: cannot bind"))?;
+        // Printed before the "listening on" line, which tells readers that start-up is over.
+        println!(
+            "tandem metrics serving on {}",
+            metrics_listener.local_addr()?
+        );
+        let registry = config.metrics.clone();
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(e) = metrics::serve(metrics_listener, registry, stopped).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     // Tests and scripts read this line to learn the port.
     println!("tandem coordinator listening on {bound}");
     daemon::run(listener, &settings.data_dir, config, shutdown_signal())
