@@ -11,6 +11,7 @@
 //!
 //! Every wait here is bounded; a test never hangs on a dead process.
 
+pub mod chaos;
 pub mod sim;
 
 use std::collections::BTreeMap;
@@ -38,12 +39,18 @@ pub fn binaries() -> &'static Binaries {
     static BINARIES: OnceLock<Binaries> = OnceLock::new();
     BINARIES.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        // <target>/<profile>/deps/<test binary>
-        let profile_dir = exe
+        // <target>/<profile>/deps/<test binary>, or <target>/<profile>/<binary> for the
+        // binaries of this crate (the chaos run).
+        let mut profile_dir = exe
             .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile> folder")
+            .expect("folder of the executable")
             .to_path_buf();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir = profile_dir
+                .parent()
+                .expect("target/<profile> folder")
+                .to_path_buf();
+        }
         let target_dir = profile_dir.parent().expect("target folder").to_path_buf();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -90,11 +97,11 @@ pub fn binaries() -> &'static Binaries {
 #[derive(Debug, Clone)]
 enum Kind {
     /// A coordinator, with extra `tandem serve` arguments.
-    Coordinator {
-        args: Vec<String>,
-    },
+    Coordinator { args: Vec<String> },
     Bank {
         accounts: String,
+        /// Accounts marked closed (`--closed`); empty for none.
+        closed: String,
     },
 }
 
@@ -131,9 +138,22 @@ impl Node {
 
     /// A bank on a fresh port with `accounts` (e.g. "alice=100,bob=50") in `dir`.
     pub async fn bank(name: &str, dir: &Path, accounts: &str, crash_at: Option<&str>) -> Node {
+        Node::bank_with_closed(name, dir, accounts, "", crash_at).await
+    }
+
+    /// A bank as [`Node::bank`], with the accounts named in `closed` (e.g. "carol,dave")
+    /// marked closed: they refuse credits.
+    pub async fn bank_with_closed(
+        name: &str,
+        dir: &Path,
+        accounts: &str,
+        closed: &str,
+        crash_at: Option<&str>,
+    ) -> Node {
         let mut node = Node {
             kind: Kind::Bank {
                 accounts: accounts.into(),
+                closed: closed.into(),
             },
             name: name.into(),
             dir: dir.to_path_buf(),
@@ -157,7 +177,7 @@ impl Node {
                     .args(args);
                 c
             }
-            Kind::Bank { accounts } => {
+            Kind::Bank { accounts, closed } => {
                 let mut c = tokio::process::Command::new(&bins.bank);
                 c.args([
                     "serve",
@@ -168,6 +188,9 @@ impl Node {
                     "--data-dir",
                 ])
                 .arg(&self.dir);
+                if !closed.is_empty() {
+                    c.args(["--closed", closed]);
+                }
                 c
             }
         };
@@ -180,6 +203,18 @@ impl Node {
             .unwrap_or_else(|e| panic!("starting {} on {listen}: {e}", self.name));
         self.port = server.addr.port();
         self.server = Some(server);
+    }
+
+    /// Starts the process (again) on a port the OS picks, for peers that reach it through
+    /// a proxy and so never stored its address (the chaos run).
+    pub async fn start_on_fresh_port(&mut self, crash_at: Option<&str>) {
+        self.port = 0;
+        self.start(crash_at).await;
+    }
+
+    /// Whether the process is running (started and not killed or stopped since).
+    pub fn is_running(&self) -> bool {
+        self.server.is_some()
     }
 
     /// `127.0.0.1:port`.
