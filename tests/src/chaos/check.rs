@@ -179,7 +179,8 @@ pub fn check(ev: &Evidence<'_>) -> Vec<Verdict> {
     let mut seen_aborted = Verdict::new("2PC seen ABORTED is applied nowhere");
     let mut answers_agree =
         Verdict::new("2PC answers agree: every client answer and the coordinator's final one");
-    let mut terminated = Verdict::new("every saga the client saw accepted has terminated");
+    let mut terminated =
+        Verdict::new("every saga accepted (told the client, or known) has terminated");
     let mut saga_effects =
         Verdict::new("saga effects: completed = both steps applied, compensated = none");
     let mut must_fail = Verdict::new("transfers that must fail took no effect");
@@ -289,7 +290,9 @@ pub fn check(ev: &Evidence<'_>) -> Vec<Verdict> {
                     Some(FinalSaga::State(state)) => Some(state),
                     _ => None,
                 };
-                if accepted {
+                // Accepted as far as anyone knows: the client was told so, or the
+                // coordinator knows the saga (its submit's answer may have been lost).
+                if accepted || final_state.is_some() {
                     terminated.check(final_state.is_some_and(|s| s.terminal), || {
                         format!(
                             "final state {:?}; {}",

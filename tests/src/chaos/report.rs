@@ -167,9 +167,9 @@ pub fn replay_command(config: &ChaosConfig) -> String {
 /// `90s`, `30m`, `1500ms`: the shortest exact form `--duration` accepts.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 60_000 == 0 && ms > 0 {
+    if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
-    } else if ms % 1_000 == 0 {
+    } else if ms.is_multiple_of(1_000) {
         format!("{}s", ms / 1_000)
     } else {
         format!("{ms}ms")

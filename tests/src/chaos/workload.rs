@@ -226,7 +226,7 @@ fn since(started: Instant) -> u64 {
 /// Draws the next operation.
 fn draw(rng: &mut SplitMix64, config: &ClientConfig, seq: u64) -> Op {
     let banks = config.banks.len();
-    let kind = if rng.next_u64() % 2 == 0 {
+    let kind = if rng.next_u64().is_multiple_of(2) {
         OpKind::TwoPc
     } else {
         OpKind::Saga
@@ -258,7 +258,7 @@ fn draw(rng: &mut SplitMix64, config: &ClientConfig, seq: u64) -> Op {
         Intent::UnknownPayee => to.1 = GHOST.to_string(),
         Intent::Normal | Intent::Overdraft => {}
     }
-    let callback = (kind == OpKind::Saga && rng.next_u64() % 3 == 0)
+    let callback = (kind == OpKind::Saga && rng.next_u64().is_multiple_of(3))
         .then(|| (rng.next_u64() % banks as u64) as usize);
     let id = TxnId::parse(&format!("{}-c{}n{seq}", unix_now_ms(), config.index))
         .expect("a well-formed id");
