@@ -23,7 +23,7 @@ use tandem_participant::barrier::BranchRecord;
 use tandem_participant::saga_barrier::StepRecord;
 use tandem_participant::{SagaPhase, SagaState};
 
-use super::workload::{Answer, History, OpKind};
+use super::workload::{Answer, History, Op, OpKind};
 use super::ChaosError;
 
 /// Most violations listed per invariant (the count is always exact).
@@ -201,25 +201,9 @@ pub fn check(ev: &Evidence<'_>) -> Vec<Verdict> {
                 let applied =
                     |r: Option<&BranchRecord>| matches!(r, Some(BranchRecord::Committed { .. }));
                 let (debited, credited) = (applied(debit), applied(credit));
-                if debited {
-                    *moved.entry(op.from.clone()).or_default() -= op.amount;
-                }
-                if credited {
-                    *moved.entry(op.to.clone()).or_default() += op.amount;
-                }
-                let describe = || {
-                    format!(
-                        "2PC {} ({} {} -> {} {}, {}): debit {:?}, credit {:?}",
-                        op.id,
-                        op.from.0,
-                        op.from.1,
-                        op.to.0,
-                        op.to.1,
-                        op.amount,
-                        debit.map(record_name),
-                        credit.map(record_name)
-                    )
-                };
+                record_moves(&mut moved, op, debited, credited);
+                let describe =
+                    || describe_op(op, "2PC", debit.map(record_name), credit.map(record_name));
                 atomic.check(debited == credited, describe);
                 let told_committed = entries.iter().any(|e| e.answer == Answer::Committed);
                 let told_aborted = entries
@@ -266,25 +250,9 @@ pub fn check(ev: &Evidence<'_>) -> Vec<Verdict> {
                 let in_effect =
                     |r: Option<&StepRecord>| matches!(r, Some(StepRecord::ActionSucceeded { .. }));
                 let (debited, credited) = (in_effect(debit), in_effect(credit));
-                if debited {
-                    *moved.entry(op.from.clone()).or_default() -= op.amount;
-                }
-                if credited {
-                    *moved.entry(op.to.clone()).or_default() += op.amount;
-                }
-                let describe = || {
-                    format!(
-                        "saga {} ({} {} -> {} {}, {}): debit step {:?}, credit step {:?}",
-                        op.id,
-                        op.from.0,
-                        op.from.1,
-                        op.to.0,
-                        op.to.1,
-                        op.amount,
-                        debit.map(step_name),
-                        credit.map(step_name)
-                    )
-                };
+                record_moves(&mut moved, op, debited, credited);
+                let describe =
+                    || describe_op(op, "saga", debit.map(step_name), credit.map(step_name));
                 let accepted = entries.iter().any(|e| e.answer == Answer::Accepted);
                 let final_state = match ev.sagas.get(&op.id) {
                     Some(FinalSaga::State(state)) => Some(state),
@@ -418,6 +386,35 @@ pub fn check(ev: &Evidence<'_>) -> Vec<Verdict> {
         no_prepared,
         callbacks,
     ]
+}
+
+/// Adds the money a transfer's records say moved: its debit if `debited`, its credit if
+/// `credited`.
+fn record_moves(
+    moved: &mut BTreeMap<(usize, String), i64>,
+    op: &Op,
+    debited: bool,
+    credited: bool,
+) {
+    if debited {
+        *moved.entry(op.from.clone()).or_default() -= op.amount;
+    }
+    if credited {
+        *moved.entry(op.to.clone()).or_default() += op.amount;
+    }
+}
+
+/// `2PC <id> (0 a1 -> 1 b0, 25): debit Some("committed"), credit Some("aborted")`.
+fn describe_op(
+    op: &Op,
+    kind: &str,
+    debit: Option<&'static str>,
+    credit: Option<&'static str>,
+) -> String {
+    format!(
+        "{kind} {} (bank {} {} -> bank {} {}, {}): debit {debit:?}, credit {credit:?}",
+        op.id, op.from.0, op.from.1, op.to.0, op.to.1, op.amount
+    )
 }
 
 fn phase_is_terminal(phase: SagaPhase) -> bool {

@@ -293,32 +293,59 @@ fn not_found(error: &SdkError) -> bool {
     matches!(error, SdkError::Coordinator { code, .. } if *code == tonic::Code::NotFound)
 }
 
+/// One answer while polling the coordinator about an id.
+enum Polled<T> {
+    /// The id's final state: stop asking.
+    Final(T),
+    /// Not final yet (or no answer): what to report if time runs out.
+    NotYet(T),
+}
+
+/// Asks `ask` (each call bounded by [`STATUS_CALL_TIMEOUT`]) until it answers
+/// [`Polled::Final`] or `deadline` passes; `on_error` turns an error or a timeout into the
+/// answer to report.
+async fn poll<T, A, Fut>(deadline: Instant, mut ask: A, on_error: impl Fn(String) -> Polled<T>) -> T
+where
+    A: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Polled<T>, SdkError>>,
+{
+    loop {
+        let answer = match tokio::time::timeout(STATUS_CALL_TIMEOUT, ask()).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => on_error(e.to_string()),
+            Err(_) => on_error(format!("no answer within {STATUS_CALL_TIMEOUT:?}")),
+        };
+        match answer {
+            Polled::Final(last) => return last,
+            Polled::NotYet(last) if Instant::now() >= deadline => return last,
+            Polled::NotYet(_) => tokio::time::sleep(STATUS_POLL).await,
+        }
+    }
+}
+
 /// The coordinator's final word on a 2PC transaction, polling until it is final or
 /// `deadline`.
 async fn final_txn(client: &TandemClient, id: &TxnId, deadline: Instant) -> FinalTxn {
-    loop {
+    let ask = || {
         let mut client = client.clone();
-        let last = match tokio::time::timeout(STATUS_CALL_TIMEOUT, client.get(id)).await {
-            Ok(Ok(status)) => match pb::TxnPhase::try_from(status.phase) {
-                Ok(pb::TxnPhase::Committed) => return FinalTxn::Committed,
-                Ok(pb::TxnPhase::Aborted) => return FinalTxn::Aborted,
-                phase => FinalTxn::Unsettled {
-                    phase: format!("{phase:?}"),
-                },
-            },
-            Ok(Err(e)) if not_found(&e) => return FinalTxn::NotFound,
-            Ok(Err(e)) => FinalTxn::Unknown {
-                error: e.to_string(),
-            },
-            Err(_) => FinalTxn::Unknown {
-                error: format!("no answer within {STATUS_CALL_TIMEOUT:?}"),
-            },
-        };
-        if Instant::now() >= deadline {
-            return last;
+        async move {
+            match client.get(id).await {
+                Ok(status) => Ok(match pb::TxnPhase::try_from(status.phase) {
+                    Ok(pb::TxnPhase::Committed) => Polled::Final(FinalTxn::Committed),
+                    Ok(pb::TxnPhase::Aborted) => Polled::Final(FinalTxn::Aborted),
+                    phase => Polled::NotYet(FinalTxn::Unsettled {
+                        phase: format!("{phase:?}"),
+                    }),
+                }),
+                Err(e) if not_found(&e) => Ok(Polled::Final(FinalTxn::NotFound)),
+                Err(e) => Err(e),
+            }
         }
-        tokio::time::sleep(STATUS_POLL).await;
-    }
+    };
+    poll(deadline, ask, |error| {
+        Polled::NotYet(FinalTxn::Unknown { error })
+    })
+    .await
 }
 
 /// The coordinator's final word on a saga: terminal (with its callback delivered, if it has
@@ -329,27 +356,20 @@ async fn final_saga(
     wants_callback: bool,
     deadline: Instant,
 ) -> FinalSaga {
-    loop {
-        let last = match tokio::time::timeout(STATUS_CALL_TIMEOUT, client.get_saga(id)).await {
-            Ok(Ok(state)) => {
-                if state.terminal && (!wants_callback || state.callback_delivered) {
-                    return FinalSaga::State(state);
-                }
-                FinalSaga::State(state)
+    let ask = || async move {
+        match client.get_saga(id).await {
+            Ok(state) if state.terminal && (!wants_callback || state.callback_delivered) => {
+                Ok(Polled::Final(FinalSaga::State(state)))
             }
-            Ok(Err(e)) if not_found(&e) => return FinalSaga::NotFound,
-            Ok(Err(e)) => FinalSaga::Unknown {
-                error: e.to_string(),
-            },
-            Err(_) => FinalSaga::Unknown {
-                error: format!("no answer within {STATUS_CALL_TIMEOUT:?}"),
-            },
-        };
-        if Instant::now() >= deadline {
-            return last;
+            Ok(state) => Ok(Polled::NotYet(FinalSaga::State(state))),
+            Err(e) if not_found(&e) => Ok(Polled::Final(FinalSaga::NotFound)),
+            Err(e) => Err(e),
         }
-        tokio::time::sleep(STATUS_POLL).await;
-    }
+    };
+    poll(deadline, ask, |error| {
+        Polled::NotYet(FinalSaga::Unknown { error })
+    })
+    .await
 }
 
 /// Reads every stopped bank's folder, asking each for the records of the branches and steps

@@ -36,6 +36,8 @@ pub struct OpCounts {
     /// Operations drawn to fail (overdraft, closed or unknown payee), by kind.
     pub must_fail_twopc: u64,
     pub must_fail_sagas: u64,
+    /// Failed calls of every kind, by the kind of error ([`error_kind`]).
+    pub call_errors: BTreeMap<String, u64>,
 }
 
 impl OpCounts {
@@ -44,6 +46,11 @@ impl OpCounts {
         sagas: &BTreeMap<tandem_participant::TxnId, FinalSaga>,
     ) -> Self {
         let mut counts = OpCounts::default();
+        for entry in &history.entries {
+            if let Answer::Failed { error } = &entry.answer {
+                *counts.call_errors.entry(error_kind(error)).or_default() += 1;
+            }
+        }
         for (index, op) in history.ops.iter().enumerate() {
             let entries: Vec<_> = history.entries_of(index).collect();
             match op.kind {
@@ -98,6 +105,16 @@ impl OpCounts {
         }
         counts
     }
+}
+
+/// A failed call's error without its details (addresses, ids): `unavailable`,
+/// `coordinator error DeadlineExceeded`, `no answer within the client's bound`, ...
+pub fn error_kind(error: &str) -> String {
+    if error.starts_with("no answer within") {
+        return "no answer within the client's bound".into();
+    }
+    let head = error.split(':').next().unwrap_or(error);
+    tandem_common::clip_text(head.to_string(), 48)
 }
 
 fn seen_name(phase: SagaPhase) -> String {
@@ -231,6 +248,11 @@ impl fmt::Display for Report {
             f,
             "    final (coordinator):       {}",
             counts_line(&o.sagas_final)
+        )?;
+        writeln!(
+            f,
+            "  failed calls by error: {}",
+            counts_line(&o.call_errors)
         )?;
         writeln!(f, "faults injected:")?;
         let kills = self

@@ -119,7 +119,7 @@ fn millis(rng: &mut SplitMix64, range: (u64, u64)) -> Duration {
     Duration::from_millis(between(rng, range))
 }
 
-/// The five kinds every run starts with, as (kind number, coordinator target?).
+/// The five faults every run starts with, one of each kind, in a seeded order.
 #[derive(Debug, Clone, Copy)]
 enum Opening {
     KillCoordinator,

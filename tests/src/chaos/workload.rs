@@ -14,13 +14,14 @@
 //! submitted the same way, then waited for (bounded) so that the client also sees its
 //! outcome. Every call is bounded by a timeout: a partition must not hang a client.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_common::{unix_now_ms, SplitMix64, TxnId};
 use tandem_participant::client::{RetryPolicy, Saga};
-use tandem_participant::{bank, Outcome, SagaPhase, TandemClient};
+use tandem_participant::{bank, Error as SdkError, Outcome, SagaPhase, TandemClient};
 
 use super::schedule::{bank_name, between};
 
@@ -277,129 +278,133 @@ fn draw(rng: &mut SplitMix64, config: &ClientConfig, seq: u64) -> Op {
 /// Runs one client until `config.until`; every call goes into `recorder`.
 pub async fn run_client(config: ClientConfig, recorder: Arc<Recorder>) {
     let mut rng = SplitMix64::new(config.seed ^ (0x5EED_0000 + config.index as u64));
-    let client = crate::client(&config.coordinator).await;
+    let client = Client {
+        client: crate::client(&config.coordinator).await,
+        config,
+        recorder,
+    };
     let mut seq = 0;
-    while Instant::now() < config.until {
+    while Instant::now() < client.config.until {
         seq += 1;
-        let op = draw(&mut rng, &config, seq);
-        let index = recorder.add_op(op.clone());
+        let op = draw(&mut rng, &client.config, seq);
+        let index = client.recorder.add_op(op.clone());
         match op.kind {
-            OpKind::TwoPc => run_2pc(&config, &client, &op, index, &recorder).await,
-            OpKind::Saga => run_saga(&config, &client, &op, index, &recorder).await,
+            OpKind::TwoPc => client.run_2pc(&op, index).await,
+            OpKind::Saga => client.run_saga(&op, index).await,
         }
-        recorder.ops_done.fetch_add(1, Ordering::Relaxed);
+        client.recorder.ops_done.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(between(&mut rng, THINK_MS))).await;
     }
 }
 
-fn addr(config: &ClientConfig, (bank, account): &(usize, String)) -> (String, String) {
-    (config.banks[*bank].clone(), account.clone())
+/// One client: its configuration, its connection to the coordinator, and where it records.
+struct Client {
+    config: ClientConfig,
+    client: TandemClient,
+    recorder: Arc<Recorder>,
 }
 
-async fn run_2pc(
-    config: &ClientConfig,
-    client: &TandemClient,
-    op: &Op,
-    index: usize,
-    recorder: &Recorder,
-) {
-    let (from, to) = (addr(config, &op.from), addr(config, &op.to));
-    let branches = bank::transfer_branches((&from.0, &from.1), (&to.0, &to.1), op.amount);
-    for attempt in 1..=ATTEMPTS_MAX {
-        let requested_ms = since(config.started);
-        let mut client = client.clone();
-        let call = client.execute_2pc_with(&op.id, branches.clone(), Some(PREPARE_TIMEOUT));
-        let answer = match tokio::time::timeout(EXECUTE_TIMEOUT, call).await {
-            Ok(Ok(Outcome::Committed)) => Answer::Committed,
-            Ok(Ok(Outcome::Aborted { reason })) => Answer::Aborted { reason },
-            Ok(Err(e)) => Answer::Failed {
-                error: e.to_string(),
-            },
-            Err(_) => Answer::Failed {
-                error: format!("no answer within {EXECUTE_TIMEOUT:?}"),
-            },
-        };
-        let done = !matches!(answer, Answer::Failed { .. });
-        recorder.record(Entry {
-            op: index,
-            call: CallKind::Execute2pc,
-            requested_ms,
-            answered_ms: since(config.started),
-            answer,
-        });
-        if done || attempt == ATTEMPTS_MAX {
-            return;
-        }
-        tokio::time::sleep(RETRY_PAUSE).await;
+impl Client {
+    /// `(bank proxy address, account)`.
+    fn addr(&self, (bank, account): &(usize, String)) -> (String, String) {
+        (self.config.banks[*bank].clone(), account.clone())
     }
-}
 
-async fn run_saga(
-    config: &ClientConfig,
-    client: &TandemClient,
-    op: &Op,
-    index: usize,
-    recorder: &Recorder,
-) {
-    let (from, to) = (addr(config, &op.from), addr(config, &op.to));
-    let steps = bank::transfer_saga_steps((&from.0, &from.1), (&to.0, &to.1), op.amount)
-        .into_iter()
-        .map(|step| step.retry(PATIENT).timeout(STEP_TIMEOUT));
-    let mut saga = Saga::sequence(steps).id(op.id.clone());
-    if let Some(bank) = op.callback {
-        saga = saga.callback(config.banks[bank].clone(), bank::CALLBACK);
-    }
-    let mut accepted = false;
-    for attempt in 1..=ATTEMPTS_MAX {
-        let requested_ms = since(config.started);
-        let answer =
-            match tokio::time::timeout(SUBMIT_TIMEOUT, client.submit_saga(saga.clone())).await {
-                Ok(Ok(_)) => Answer::Accepted,
+    /// Makes one call up to `attempts` times (with the same id: every call here is
+    /// idempotent), each bounded by `bound`, and records every answer; returns the first
+    /// definitive one.
+    async fn call_recorded<F, Fut>(
+        &self,
+        (op, call): (usize, CallKind),
+        attempts: u32,
+        bound: Duration,
+        mut attempt_call: F,
+    ) -> Option<Answer>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Answer, SdkError>>,
+    {
+        for attempt in 1..=attempts {
+            let requested_ms = since(self.config.started);
+            let answer = match tokio::time::timeout(bound, attempt_call()).await {
+                Ok(Ok(answer)) => answer,
                 Ok(Err(e)) => Answer::Failed {
                     error: e.to_string(),
                 },
                 Err(_) => Answer::Failed {
-                    error: format!("no answer within {SUBMIT_TIMEOUT:?}"),
+                    error: format!("no answer within {bound:?}"),
                 },
             };
-        accepted = answer == Answer::Accepted;
-        recorder.record(Entry {
-            op: index,
-            call: CallKind::SubmitSaga,
-            requested_ms,
-            answered_ms: since(config.started),
-            answer,
-        });
-        if accepted || attempt == ATTEMPTS_MAX {
-            break;
+            let definitive = !matches!(answer, Answer::Failed { .. });
+            self.recorder.record(Entry {
+                op,
+                call,
+                requested_ms,
+                answered_ms: since(self.config.started),
+                answer: answer.clone(),
+            });
+            if definitive {
+                return Some(answer);
+            }
+            if attempt < attempts {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
         }
-        tokio::time::sleep(RETRY_PAUSE).await;
+        None
     }
-    if !accepted {
-        return;
+
+    async fn run_2pc(&self, op: &Op, index: usize) {
+        let (from, to) = (self.addr(&op.from), self.addr(&op.to));
+        let branches = bank::transfer_branches((&from.0, &from.1), (&to.0, &to.1), op.amount);
+        let execute = || {
+            let (mut client, branches) = (self.client.clone(), branches.clone());
+            async move {
+                let outcome = client
+                    .execute_2pc_with(&op.id, branches, Some(PREPARE_TIMEOUT))
+                    .await?;
+                Ok(match outcome {
+                    Outcome::Committed => Answer::Committed,
+                    Outcome::Aborted { reason } => Answer::Aborted { reason },
+                })
+            }
+        };
+        let call = (index, CallKind::Execute2pc);
+        self.call_recorded(call, ATTEMPTS_MAX, EXECUTE_TIMEOUT, execute)
+            .await;
     }
-    let requested_ms = since(config.started);
-    // `wait` retries retryable errors itself until its timeout; the outer bound covers a
-    // call stuck in a partition.
-    let answer = match tokio::time::timeout(
-        SAGA_WAIT + Duration::from_secs(5),
-        client.wait(&op.id, SAGA_WAIT),
-    )
-    .await
-    {
-        Ok(Ok(state)) => Answer::SagaState { phase: state.phase },
-        Ok(Err(e)) => Answer::Failed {
-            error: e.to_string(),
-        },
-        Err(_) => Answer::Failed {
-            error: format!("no answer within {SAGA_WAIT:?}"),
-        },
-    };
-    recorder.record(Entry {
-        op: index,
-        call: CallKind::WaitSaga,
-        requested_ms,
-        answered_ms: since(config.started),
-        answer,
-    });
+
+    async fn run_saga(&self, op: &Op, index: usize) {
+        let (from, to) = (self.addr(&op.from), self.addr(&op.to));
+        let steps = bank::transfer_saga_steps((&from.0, &from.1), (&to.0, &to.1), op.amount)
+            .into_iter()
+            .map(|step| step.retry(PATIENT).timeout(STEP_TIMEOUT));
+        let mut saga = Saga::sequence(steps).id(op.id.clone());
+        if let Some(bank) = op.callback {
+            saga = saga.callback(self.config.banks[bank].clone(), bank::CALLBACK);
+        }
+        let submit = || {
+            let saga = saga.clone();
+            async move {
+                self.client.submit_saga(saga).await?;
+                Ok(Answer::Accepted)
+            }
+        };
+        let call = (index, CallKind::SubmitSaga);
+        if self
+            .call_recorded(call, ATTEMPTS_MAX, SUBMIT_TIMEOUT, submit)
+            .await
+            .is_none()
+        {
+            return;
+        }
+        // `wait` itself retries retryable errors until its timeout; the bound covers a call
+        // stuck in a partition.
+        let wait = || async {
+            let state = self.client.wait(&op.id, SAGA_WAIT).await?;
+            Ok(Answer::SagaState { phase: state.phase })
+        };
+        let call = (index, CallKind::WaitSaga);
+        self.call_recorded(call, 1, SAGA_WAIT + RETRY_PAUSE * 10, wait)
+            .await;
+    }
 }
