@@ -22,7 +22,8 @@ const USAGE: &str = "usage: chaos [--duration D] [--seed N] [--clients N] [--ban
   --clients N         concurrent clients (default 6)
   --banks N           bank processes (default 3)
   --settle-timeout D  longest wait for everything to finish at the end (default 120s)
-  --keep-data DIR     keep the servers' folders in DIR (default: a temp folder, removed)
+  --keep-data DIR     keep the servers' folders, and every call in DIR/history.txt
+                      (default: a temp folder, removed)
   --faults            print every fault carried out, with its time";
 
 /// Parses `90s`, `30m`, `1500ms`, `1h`, or a bare number of seconds.

@@ -59,6 +59,8 @@ pub const RESTART_ROUNDS_MAX: u32 = 3;
 /// How long a restart round waits for the banks' in-doubt resolvers (their first round
 /// runs at start-up) and the coordinator's redeliveries.
 const RESTART_ROUND_WAIT: Duration = Duration::from_secs(4);
+/// The history's file in a kept data folder (`ChaosConfig::data_dir`).
+pub const HISTORY_FILE: &str = "history.txt";
 /// Bound of one status call while settling.
 const STATUS_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between two status calls about the same id.
@@ -87,7 +89,8 @@ pub struct ChaosConfig {
     pub banks: usize,
     /// Longest the settling may take.
     pub settle_timeout: Duration,
-    /// Keep the servers' folders here instead of a temp folder removed at the end.
+    /// Keep the servers' folders here instead of a temp folder removed at the end, with the
+    /// clients' history in [`HISTORY_FILE`].
     pub data_dir: Option<PathBuf>,
 }
 
@@ -200,6 +203,9 @@ pub async fn run(
     let settle_started = Instant::now();
     cluster.heal_all().await;
     let history = std::mem::take(&mut *recorder.history.lock().expect("history lock"));
+    if config.data_dir.is_some() {
+        history.write_to(&dir.join(HISTORY_FILE))?;
+    }
     let (txns, sagas, restart_rounds) = settle(&cluster, &history, config.settle_timeout).await?;
     let settle = SettleInfo {
         elapsed: settle_started.elapsed(),

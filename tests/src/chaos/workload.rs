@@ -180,6 +180,33 @@ impl History {
     pub fn entries_of(&self, op: usize) -> impl Iterator<Item = &Entry> {
         self.entries.iter().filter(move |e| e.op == op)
     }
+
+    /// Writes every call, one line each in the order they were answered:
+    /// `<requested ms> <answered ms> client <n> <call> <id> <from> -> <to> <amount> <intent> => <answer>`.
+    pub fn write_to(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for e in &self.entries {
+            let op = &self.ops[e.op];
+            writeln!(
+                out,
+                "{:>8} {:>8} client {} {:?} {} bank{}/{} -> bank{}/{} {} {:?} => {:?}",
+                e.requested_ms,
+                e.answered_ms,
+                op.client,
+                e.call,
+                op.id,
+                op.from.0,
+                op.from.1,
+                op.to.0,
+                op.to.1,
+                op.amount,
+                op.intent,
+                e.answer
+            )?;
+        }
+        out.flush()
+    }
 }
 
 /// Shared by the clients: the history and a count of finished operations (for progress).
