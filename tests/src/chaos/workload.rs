@@ -431,7 +431,7 @@ impl Client {
             Ok(Answer::SagaState { phase: state.phase })
         };
         let call = (index, CallKind::WaitSaga);
-        self.call_recorded(call, 1, SAGA_WAIT + RETRY_PAUSE * 10, wait)
+        self.call_recorded(call, ATTEMPTS_MAX, SAGA_WAIT + RETRY_PAUSE * 10, wait)
             .await;
     }
 }
