@@ -16,6 +16,9 @@
 //! - **reset** ([`Proxy::reset_connections`]): every open connection is closed with a TCP
 //!   reset on both sides (`SO_LINGER` 0), as when a middlebox or a peer's kernel drops it.
 //!
+//! A connection ends the way its first side ended: a close is passed on as a close (FIN), a
+//! reset or a failed read or write as a reset on both sides.
+//!
 //! Every connection's task watches one `watch` channel holding the link's state, so a fault
 //! reaches connections already open, not only new ones. Dropping the proxy resets every
 //! connection and stops accepting.
@@ -204,27 +207,39 @@ async fn connection(mut client: TcpStream, shared: Arc<Shared>) {
     };
     let _ = upstream.set_nodelay(true);
     shared.open.fetch_add(1, Ordering::Relaxed);
-    let was_reset = {
+    let end = {
         let (mut client_read, mut client_write) = client.split();
         let (mut upstream_read, mut upstream_write) = upstream.split();
         let mut reset_signal = shared.link.subscribe();
         tokio::select! {
-            _ = pump(&mut client_read, &mut upstream_write, shared.link.subscribe(), resets) => false,
-            _ = pump(&mut upstream_read, &mut client_write, shared.link.subscribe(), resets) => false,
-            _ = reset_signal.wait_for(|l| l.resets != resets) => true,
+            end = pump(&mut client_read, &mut upstream_write, shared.link.subscribe(), resets) => end,
+            end = pump(&mut upstream_read, &mut client_write, shared.link.subscribe(), resets) => end,
+            _ = reset_signal.wait_for(|l| l.resets != resets) => End::Failed,
         }
     };
     shared.open.fetch_sub(1, Ordering::Relaxed);
-    if was_reset {
-        reset(client);
-        reset(upstream);
+    match end {
+        // One side closed: close both, as the peers would have seen a close.
+        End::Closed => {}
+        // One side was reset (or a reset fault): reset both, as the peers would have seen.
+        End::Failed => {
+            reset(client);
+            reset(upstream);
+        }
     }
-    // Otherwise one side closed or failed: dropping both ends the other direction too.
+}
+
+/// How one direction of a connection ended.
+enum End {
+    /// End of stream: the sender closed.
+    Closed,
+    /// A read or write failed (the peer reset), or the link is gone.
+    Failed,
 }
 
 /// Forwards one direction until end of stream, an error, or a reset fault (the caller's
 /// select sees that one first).
-async fn pump<R, W>(from: &mut R, to: &mut W, mut link: watch::Receiver<Link>, resets: u64)
+async fn pump<R, W>(from: &mut R, to: &mut W, mut link: watch::Receiver<Link>, resets: u64) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -236,10 +251,11 @@ where
             .await
             .is_err()
         {
-            return;
+            return End::Failed;
         }
         let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return End::Closed,
+            Err(_) => return End::Failed,
             Ok(n) => n,
         };
         let latency = link.borrow().latency;
@@ -252,10 +268,10 @@ where
             .await
             .is_err()
         {
-            return;
+            return End::Failed;
         }
         if to.write_all(&buf[..n]).await.is_err() {
-            return;
+            return End::Failed;
         }
     }
 }
