@@ -12,6 +12,7 @@
 //!
 //! Every wait here is bounded; a test never hangs on a dead process.
 
+pub mod chaos;
 pub mod scripted_participant;
 pub mod sim;
 
@@ -40,12 +41,18 @@ pub fn binaries() -> &'static Binaries {
     static BINARIES: OnceLock<Binaries> = OnceLock::new();
     BINARIES.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        // <target>/<profile>/deps/<test binary>
-        let profile_dir = exe
+        // <target>/<profile>/deps/<test binary>, or <target>/<profile>/<binary> for the
+        // binaries of this crate (the chaos run).
+        let mut profile_dir = exe
             .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile> folder")
+            .expect("folder of the executable")
             .to_path_buf();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir = profile_dir
+                .parent()
+                .expect("target/<profile> folder")
+                .to_path_buf();
+        }
         let target_dir = profile_dir.parent().expect("target folder").to_path_buf();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -159,6 +166,23 @@ impl Node {
         node
     }
 
+    /// A bank as [`Node::bank`], with the accounts named in `closed` (e.g. "carol,dave")
+    /// marked closed: they refuse credits.
+    pub async fn bank_with_closed(
+        name: &str,
+        dir: &Path,
+        accounts: &str,
+        closed: &str,
+        crash_at: Option<&str>,
+    ) -> Node {
+        let args: &[&str] = if closed.is_empty() {
+            &[]
+        } else {
+            &["--closed", closed]
+        };
+        Node::bank_with_args(name, dir, accounts, args, crash_at).await
+    }
+
     /// Starts the process (again), on the port it had, optionally armed with a crash point.
     pub async fn start(&mut self, crash_at: Option<&str>) {
         assert!(self.server.is_none(), "{} is already running", self.name);
@@ -196,6 +220,18 @@ impl Node {
             .unwrap_or_else(|e| panic!("starting {} on {listen}: {e}", self.name));
         self.port = server.addr.port();
         self.server = Some(server);
+    }
+
+    /// Starts the process (again) on a port the OS picks, for peers that reach it through
+    /// a proxy and so never stored its address (the chaos run).
+    pub async fn start_on_fresh_port(&mut self, crash_at: Option<&str>) {
+        self.port = 0;
+        self.start(crash_at).await;
+    }
+
+    /// Whether the process is running (started and not killed or stopped since).
+    pub fn is_running(&self) -> bool {
+        self.server.is_some()
     }
 
     /// `127.0.0.1:port`.
