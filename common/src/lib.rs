@@ -12,12 +12,15 @@
 //! - [`backoff`]: capped exponential backoff with jitter, from a seeded generator;
 //! - [`crash`]: the `TANDEM_CRASH_AT` crash points the fault tests use;
 //! - [`child`]: starting a Tandem server as a child process and learning the port it bound
-//!   (benchmarks and end-to-end tests run every server as a real process).
+//!   (benchmarks and end-to-end tests run every server as a real process);
+//! - [`credentials`]: bearer tokens (kept as digests, compared in constant time, never
+//!   printed) and PEM files, read and checked once for every binary that takes them.
 
 pub mod backoff;
 pub mod child;
 pub mod codec;
 pub mod crash;
+pub mod credentials;
 pub mod group_commit;
 pub mod ids;
 

@@ -114,6 +114,10 @@ pub struct CoordinatorConfig {
     /// callbacks); a request naming any other is refused with PERMISSION_DENIED. An empty
     /// list allows nothing. Default: `[HostPattern::Loopback]`. See the module docs.
     pub participant_hosts_allowed: Vec<HostPattern>,
+    /// Whether the coordinator calls participants over TLS (`tandem serve --participant-ca`):
+    /// participant addresses must then be `https://`, and otherwise `http://` (or bare
+    /// `host:port`). A request naming the other scheme is refused with INVALID_ARGUMENT.
+    pub participant_tls: bool,
 }
 
 impl CoordinatorConfig {
@@ -140,6 +144,7 @@ impl CoordinatorConfig {
             saga_callback_backoff: Backoff::default(),
             saga_in_flight_max: 10_000,
             participant_hosts_allowed: vec![HostPattern::Loopback],
+            participant_tls: false,
         }
     }
 

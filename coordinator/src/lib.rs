@@ -8,7 +8,8 @@
 //! - [`server`]: the `tandem.v1.Coordinator` gRPC service: validation at the edge and the
 //!   conversion of prost messages into engine types;
 //! - [`daemon`]: `run(listener, config, shutdown)`, the process shell the `tandem` binary uses;
-//! - [`config`]: the configuration and every limit on input from outside.
+//! - [`config`]: the configuration and every limit on input from outside;
+//! - [`security`]: TLS settings and the bearer-token layer in front of every service.
 
 pub mod config;
 pub mod daemon;
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod log;
 pub mod runtime;
+pub mod security;
 pub mod server;
 pub mod transport;
 

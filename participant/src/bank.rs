@@ -433,10 +433,16 @@ impl SagaCallbackHandler for CallbackLog {
 /// Opens a bank participant in `dir`: the 2PC resource [`RESOURCE`], the saga step
 /// [`SAGA_STEP`] and the saga callback handler [`CALLBACK`].
 pub fn open(dir: &Path) -> Result<Participant, Error> {
+    open_with(dir, crate::ParticipantConfig::default())
+}
+
+/// [`open`] with a participant configuration (for example TLS settings for the coordinator).
+pub fn open_with(dir: &Path, config: crate::ParticipantConfig) -> Result<Participant, Error> {
     Participant::builder(dir)
         .resource(RESOURCE, Bank)
         .saga_step(SAGA_STEP, BankStep)
         .saga_callback(CALLBACK, CallbackLog)
+        .config(config)
         .open()
 }
 

@@ -45,16 +45,25 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Security: [`TandemClient::connect_with`] takes [`ConnectOptions`]: TLS settings (the CA
+//! that signed the coordinator's certificate and, under mutual TLS, the client's identity)
+//! and a bearer token; [`TandemClient::with_token`] adds a token to a client already
+//! connected. A token is sent with every call as `authorization: Bearer <token>` and never
+//! printed.
+//!
 //! Prost types stay in here: sagas go out converted from [`Saga`], states come back converted
 //! into [`SagaState`] and [`SagaChange`] (see [`crate::saga_state`]).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use tandem_common::credentials::Token;
 use tandem_common::{unix_now_ms, TxnId};
 use tandem_proto::v1 as pb;
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::Instrument;
 
 use crate::error::Error;
@@ -305,18 +314,98 @@ fn malformed_answer(what: &str, problem: String) -> Error {
     }
 }
 
+/// Adds the client's bearer token, if it has one, to every call.
+#[derive(Clone, Default)]
+struct Bearer(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type CoordinatorClient =
+    pb::coordinator_client::CoordinatorClient<InterceptedService<Channel, Bearer>>;
+
+/// How [`TandemClient::connect_with`] reaches the coordinator.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// TLS settings: the CA that signed the coordinator's certificate and, for a coordinator
+    /// that requires mutual TLS, this client's identity. With them, an address without a
+    /// scheme is `https://`.
+    pub tls: Option<ClientTlsConfig>,
+    /// Sent with every call as `authorization: Bearer <token>`.
+    pub token: Option<Token>,
+}
+
+impl ConnectOptions {
+    /// TLS settings read from PEM files: the CA that signed the coordinator's certificate,
+    /// and optionally this client's certificate and key (for mutual TLS). Errors name the
+    /// file.
+    pub fn tls_from_files(
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<ClientTlsConfig, Error> {
+        use tandem_common::credentials::{read_pem_certs, read_pem_key};
+        use tonic::transport::{Certificate, Identity};
+        let invalid =
+            |e: tandem_common::credentials::CredentialError| Error::InvalidArgument(e.to_string());
+        let ca = read_pem_certs(ca).map_err(invalid)?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = identity {
+            let cert = read_pem_certs(cert).map_err(invalid)?;
+            let key = read_pem_key(key).map_err(invalid)?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        Ok(tls)
+    }
+}
+
 /// A client of the coordinator. Cheap to clone.
 #[derive(Clone)]
 pub struct TandemClient {
-    inner: pb::coordinator_client::CoordinatorClient<Channel>,
+    channel: Channel,
+    inner: CoordinatorClient,
 }
 
-fn endpoint_uri(address: &str) -> String {
+fn endpoint_uri(address: &str, tls: bool) -> String {
     if address.contains("://") {
         address.to_string()
+    } else if tls {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     }
+}
+
+fn bearer(token: Option<&Token>) -> Bearer {
+    // A parsed token holds only header-safe characters, so this cannot fail.
+    Bearer(token.map(|t| {
+        t.bearer_header()
+            .parse()
+            .expect("a parsed token is a valid header value")
+    }))
+}
+
+/// An error with its sources, so that a TLS failure says why ("invalid peer certificate:
+/// UnknownIssuer") rather than only "transport error".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn status_error(status: tonic::Status) -> Error {
@@ -337,20 +426,57 @@ fn status_error(status: tonic::Status) -> Error {
 }
 
 impl TandemClient {
-    /// Connects to the coordinator at `address` (`host:port` or `http://host:port`).
+    /// Connects to the coordinator at `address` (`host:port` or `http://host:port`),
+    /// plaintext and without a token.
     pub async fn connect(address: &str) -> Result<Self, Error> {
-        let endpoint = Endpoint::from_shared(endpoint_uri(address))
+        TandemClient::connect_with(address, ConnectOptions::default()).await
+    }
+
+    /// Connects to the coordinator at `address` (`host:port`, `http://host:port` or
+    /// `https://host:port`) with TLS settings and a token as `options` says. An `https://`
+    /// address needs TLS settings; a failed TLS handshake (a certificate the CA did not sign,
+    /// or no client certificate where the coordinator requires one) is
+    /// [`Error::Unavailable`].
+    pub async fn connect_with(address: &str, options: ConnectOptions) -> Result<Self, Error> {
+        let uri = endpoint_uri(address, options.tls.is_some());
+        let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| Error::InvalidArgument(format!("coordinator address {address:?}: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true);
+        if uri.starts_with("https://") {
+            let tls = options.tls.ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "coordinator address {address:?} is https, but no TLS settings were given"
+                ))
+            })?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Error::InvalidArgument(format!("TLS settings: {e}")))?;
+        }
         let channel = endpoint.connect().await.map_err(|e| {
             Error::Unavailable(format!(
-                "cannot connect to the coordinator at {address}: {e}"
+                "cannot connect to the coordinator at {address}: {}",
+                error_chain(&e)
             ))
         })?;
         Ok(TandemClient {
-            inner: pb::coordinator_client::CoordinatorClient::new(channel),
+            inner: pb::coordinator_client::CoordinatorClient::with_interceptor(
+                channel.clone(),
+                bearer(options.token.as_ref()),
+            ),
+            channel,
         })
+    }
+
+    /// This client, sending `token` as `authorization: Bearer <token>` with every call.
+    pub fn with_token(self, token: Token) -> Self {
+        TandemClient {
+            inner: pb::coordinator_client::CoordinatorClient::with_interceptor(
+                self.channel.clone(),
+                bearer(Some(&token)),
+            ),
+            channel: self.channel,
+        }
     }
 
     /// A fresh transaction id, for callers that want to know (or log) it before executing.
@@ -428,7 +554,7 @@ impl TandemClient {
     /// while the error is retryable, at most [`ATTEMPTS_MAX`] times in all.
     async fn call_retrying<T, F, Fut>(&self, what: &'static str, mut call: F) -> Result<T, Error>
     where
-        F: FnMut(pb::coordinator_client::CoordinatorClient<Channel>) -> Fut,
+        F: FnMut(CoordinatorClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut attempt = 0;

@@ -6,6 +6,9 @@
 //! applies a COMMITTED or ABORTED answer through the barrier, exactly as a delivered decision
 //! would be applied (so a decision arriving both ways is applied once). PENDING, or no answer,
 //! leaves the branch prepared until the next round: the wait between rounds is the backoff.
+//!
+//! An `https://` coordinator is asked over TLS with [`crate::ParticipantConfig::coordinator_tls`],
+//! and the configured client token, if any, goes with every query.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -75,7 +78,7 @@ impl Participant {
     ) -> bool {
         let channel = match clients.get(&branch.coordinator) {
             Some(channel) => channel.clone(),
-            None => match Endpoint::from_shared(branch.coordinator.clone()) {
+            None => match self.coordinator_endpoint(&branch.coordinator) {
                 Ok(endpoint) => {
                     let channel = endpoint
                         .connect_timeout(Duration::from_secs(2))
@@ -84,7 +87,7 @@ impl Participant {
                     channel
                 }
                 Err(e) => {
-                    tracing::error!(coordinator = %branch.coordinator, error = %e, "branch names an unusable coordinator address");
+                    tracing::error!(coordinator = %branch.coordinator, error = %e, "cannot ask the coordinator the branch names");
                     return false;
                 }
             },
@@ -96,6 +99,12 @@ impl Participant {
             branch: branch.ctx.branch.0,
         });
         request.set_timeout(timeout);
+        if let Some(token) = &self.config().coordinator_token {
+            // A parsed token holds only header-safe characters.
+            if let Ok(value) = token.bearer_header().parse() {
+                request.metadata_mut().insert("authorization", value);
+            }
+        }
         let answer = match tokio::time::timeout(timeout, client.query_outcome(request)).await {
             Ok(Ok(answer)) => answer.into_inner(),
             Ok(Err(status)) => {
@@ -130,6 +139,20 @@ impl Participant {
                 false
             }
         }
+    }
+}
+
+impl Participant {
+    /// The endpoint of the coordinator at `address`, over TLS if it is `https://`.
+    fn coordinator_endpoint(&self, address: &str) -> Result<Endpoint, String> {
+        let endpoint = Endpoint::from_shared(address.to_string()).map_err(|e| e.to_string())?;
+        if !address.starts_with("https://") {
+            return Ok(endpoint);
+        }
+        let tls = self.config().coordinator_tls.clone().ok_or(
+            "the coordinator is https, but this participant has no TLS settings for it (ParticipantConfig::coordinator_tls)",
+        )?;
+        endpoint.tls_config(tls).map_err(|e| e.to_string())
     }
 }
 

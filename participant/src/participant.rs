@@ -66,6 +66,12 @@ pub struct ParticipantConfig {
     pub in_doubt_age_ms_min: u64,
     /// Timeout of one outcome query to the coordinator.
     pub coordinator_query_timeout_ms: u64,
+    /// TLS settings for outcome queries to an `https://` coordinator (the CA to trust and,
+    /// under mutual TLS, this participant's client identity). `None`: such a coordinator
+    /// cannot be asked, and the branch waits for the coordinator's redelivery.
+    pub coordinator_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The client token sent with outcome queries, for a coordinator that requires tokens.
+    pub coordinator_token: Option<tandem_common::credentials::Token>,
 }
 
 impl Default for ParticipantConfig {
@@ -74,6 +80,8 @@ impl Default for ParticipantConfig {
             in_doubt_check_interval_ms: 1_000,
             in_doubt_age_ms_min: 5_000,
             coordinator_query_timeout_ms: 2_000,
+            coordinator_tls: None,
+            coordinator_token: None,
         }
     }
 }

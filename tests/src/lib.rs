@@ -64,6 +64,25 @@ pub fn binaries() -> &'static Binaries {
             .arg("--target-dir")
             .arg(&target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Cargo gives this test process the package's variables (CARGO_PKG_NAME, ...). Build
+        // scripts that declare `rerun-if-env-changed` on them (ring's does) would see them
+        // changed and rebuild ring, rustls and tonic on every test run, so the nested build
+        // gets the environment an ordinary `cargo build` has.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    name.as_ref(),
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                )
+            {
+                build.env_remove(name.as_ref());
+            }
+        }
         if release {
             build.arg("--release");
         }
@@ -90,12 +109,9 @@ pub fn binaries() -> &'static Binaries {
 #[derive(Debug, Clone)]
 enum Kind {
     /// A coordinator, with extra `tandem serve` arguments.
-    Coordinator {
-        args: Vec<String>,
-    },
-    Bank {
-        accounts: String,
-    },
+    Coordinator { args: Vec<String> },
+    /// A bank, with extra `tandem-bank serve` arguments.
+    Bank { accounts: String, args: Vec<String> },
 }
 
 /// One server process and its data folder.
@@ -131,9 +147,22 @@ impl Node {
 
     /// A bank on a fresh port with `accounts` (e.g. "alice=100,bob=50") in `dir`.
     pub async fn bank(name: &str, dir: &Path, accounts: &str, crash_at: Option<&str>) -> Node {
+        Node::bank_with_args(name, dir, accounts, &[], crash_at).await
+    }
+
+    /// A bank as [`Node::bank`] makes it, with extra `tandem-bank serve` arguments (for
+    /// example TLS files), kept across restarts.
+    pub async fn bank_with_args(
+        name: &str,
+        dir: &Path,
+        accounts: &str,
+        args: &[&str],
+        crash_at: Option<&str>,
+    ) -> Node {
         let mut node = Node {
             kind: Kind::Bank {
                 accounts: accounts.into(),
+                args: args.iter().map(|a| a.to_string()).collect(),
             },
             name: name.into(),
             dir: dir.to_path_buf(),
@@ -157,7 +186,7 @@ impl Node {
                     .args(args);
                 c
             }
-            Kind::Bank { accounts } => {
+            Kind::Bank { accounts, args } => {
                 let mut c = tokio::process::Command::new(&bins.bank);
                 c.args([
                     "serve",
@@ -167,7 +196,8 @@ impl Node {
                     accounts,
                     "--data-dir",
                 ])
-                .arg(&self.dir);
+                .arg(&self.dir)
+                .args(args);
                 c
             }
         };

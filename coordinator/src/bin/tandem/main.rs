@@ -4,9 +4,11 @@
 //! - `tandem demo`: a coordinator and two bank participants in one process, a few hundred
 //!   transfers, a summary;
 //! - `tandem bench 2pc`: coordinator and banks as separate processes, a closed-loop load,
-//!   throughput and latency beside the bare gRPC ping rate of the same run.
+//!   throughput and latency beside the bare gRPC ping rate of the same run;
+//! - `tandem certs`: a private CA and the certificates for TLS and mutual TLS (rcgen).
 
 mod bench;
+mod certs;
 mod demo;
 
 use std::path::PathBuf;
@@ -14,7 +16,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use tandem_common::credentials::{Token, TokenSet};
 use tandem_coordinator::config::{format_host_patterns, parse_host_patterns};
+use tandem_coordinator::security::{self, AccessPolicy};
+use tandem_coordinator::transport::ParticipantSecurity;
 use tandem_coordinator::{daemon, CoordinatorConfig};
 
 #[derive(Parser)]
@@ -37,6 +42,8 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Make a private CA and certificates for TLS and mutual TLS (no openssl needed).
+    Certs(certs::CertsArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -83,6 +90,91 @@ pub struct ServeArgs {
         verbatim_doc_comment
     )]
     allow_participants: String,
+    /// The server's TLS certificate chain (PEM); with --tls-key, clients and participants
+    /// must connect over TLS (https://).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients and participants whose certificate this CA signed
+    /// (PEM). Others fail the TLS handshake.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve without TLS on an address that is not loopback. Without TLS, only a loopback
+    /// --listen is accepted (local development); this says plaintext is meant.
+    #[arg(long, conflicts_with = "tls_cert")]
+    plaintext: bool,
+    /// Client tokens, one per line, optionally `name:token` (default: $TANDEM_CLIENT_TOKENS,
+    /// entries separated by newlines or commas). Every call to tandem.v1.Coordinator must then
+    /// carry `authorization: Bearer <token>`, or is refused with UNAUTHENTICATED.
+    #[arg(long, value_name = "FILE")]
+    client_tokens_file: Option<PathBuf>,
+    /// The admin credential(s), in the same format (default: $TANDEM_ADMIN_TOKEN). Calls to
+    /// tandem.v1.Admin need it; a client token there is refused with PERMISSION_DENIED.
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// The CA that signed participants' certificates (PEM): participants are then called over
+    /// TLS, and their addresses must be https://.
+    #[arg(long, value_name = "PEM")]
+    participant_ca: Option<PathBuf>,
+    /// The certificate (PEM) presented to participants that require mutual TLS; it should
+    /// name the identity they check (`tandem certs` makes coordinator.pem for this).
+    #[arg(long, value_name = "PEM", requires_all = ["participant_client_key", "participant_ca"])]
+    participant_client_cert: Option<PathBuf>,
+    /// The private key of --participant-client-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "participant_client_cert")]
+    participant_client_key: Option<PathBuf>,
+    /// A file holding the token sent to participants with every call (default:
+    /// $TANDEM_PARTICIPANT_TOKEN), for participants started with a coordinator token.
+    #[arg(long, value_name = "FILE")]
+    participant_token_file: Option<PathBuf>,
+}
+
+/// Environment variables the token options fall back on.
+const CLIENT_TOKENS_ENV: &str = "TANDEM_CLIENT_TOKENS";
+const ADMIN_TOKEN_ENV: &str = "TANDEM_ADMIN_TOKEN";
+const PARTICIPANT_TOKEN_ENV: &str = "TANDEM_PARTICIPANT_TOKEN";
+
+/// Loads every security setting of `serve` (files are read and checked here, so a bad one
+/// stops the start with its flag and path named).
+fn daemon_security(args: &ServeArgs) -> anyhow::Result<daemon::DaemonSecurity> {
+    let server_tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(security::server_tls(
+            cert,
+            key,
+            args.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    let access = AccessPolicy {
+        client_tokens: TokenSet::from_file_or_env(
+            args.client_tokens_file.as_deref(),
+            CLIENT_TOKENS_ENV,
+        )
+        .context("--client-tokens-file")?,
+        admin_tokens: TokenSet::from_file_or_env(args.admin_token_file.as_deref(), ADMIN_TOKEN_ENV)
+            .context("--admin-token-file")?,
+    };
+    let tls = match &args.participant_ca {
+        Some(ca) => Some(security::client_tls(
+            ca,
+            args.participant_client_cert
+                .as_deref()
+                .zip(args.participant_client_key.as_deref()),
+        )?),
+        None => None,
+    };
+    let token = Token::from_file_or_env(
+        args.participant_token_file.as_deref(),
+        PARTICIPANT_TOKEN_ENV,
+    )
+    .context("--participant-token-file")?;
+    Ok(daemon::DaemonSecurity {
+        server_tls,
+        access,
+        participants: ParticipantSecurity { tls, token },
+    })
 }
 
 pub async fn shutdown_signal() {
@@ -92,6 +184,22 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Plaintext only on loopback unless asked for: on any other address, transactions and tokens
+/// would cross the network in the clear (docs/operations.md).
+fn check_plaintext(args: &ServeArgs, ip: std::net::IpAddr, tls: bool) -> anyhow::Result<()> {
+    if tls || ip.is_loopback() {
+        return Ok(());
+    }
+    if !args.plaintext {
+        bail!(
+            "--listen {}: {ip} is not a loopback address, and serving there without TLS would send transactions and tokens over the network in the clear; give --tls-cert and --tls-key, or --plaintext to serve plaintext anyway",
+            args.listen
+        );
+    }
+    tracing::warn!(listen = %args.listen, "serving plaintext on a non-loopback address (--plaintext)");
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -111,10 +219,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let participant_hosts_allowed =
         parse_host_patterns(&args.allow_participants).context("--allow-participants")?;
+    let security = daemon_security(&args)?;
+    let tls = security.server_tls.is_some();
+    // An address literal is checked before anything is bound; a name once it resolved.
+    if let Ok(addr) = args.listen.parse::<std::net::SocketAddr>() {
+        check_plaintext(&args, addr.ip(), tls)?;
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
     let bound = listener.local_addr()?;
+    check_plaintext(&args, bound.ip(), tls)?;
     let advertise = match args.advertise {
         Some(a) => a,
         None if bound.ip().is_unspecified() => {
@@ -122,7 +237,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => bound.to_string(),
     };
-    let mut config = CoordinatorConfig::new(format!("http://{advertise}"));
+    let scheme = if tls { "https" } else { "http" };
+    let mut config = CoordinatorConfig::new(format!("{scheme}://{advertise}"));
     if advertise.contains("://") {
         config.advertise = advertise;
     }
@@ -135,11 +251,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "participant hosts allowed"
     );
     config.participant_hosts_allowed = participant_hosts_allowed;
+    config.participant_tls = security.participants.tls.is_some();
     // Tests and scripts read this line to learn the port.
     println!("tandem coordinator listening on {bound}");
-    daemon::run(listener, &args.data_dir, config, shutdown_signal())
-        .await
-        .with_context(|| format!("coordinator with data in {}", args.data_dir.display()))?;
+    daemon::run_with_security(
+        listener,
+        &args.data_dir,
+        config,
+        security,
+        shutdown_signal(),
+    )
+    .await
+    .with_context(|| format!("coordinator with data in {}", args.data_dir.display()))?;
     Ok(())
 }
 
@@ -160,6 +283,7 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(command) => bench::run(command).await,
+        Command::Certs(args) => certs::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
