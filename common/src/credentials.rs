@@ -23,6 +23,8 @@
 //! lines starting with `#` are skipped. The same list may come from an environment variable,
 //! entries separated by newlines or commas.
 //!
+//! A client sends its token with [`BearerInterceptor`] on every call.
+//!
 //! ## PEM files
 //!
 //! [`read_pem_certs`] and [`read_pem_key`] read a certificate chain or a private key and check
@@ -124,15 +126,9 @@ impl Token {
 
     /// The token in environment variable `var`, if it is set.
     pub fn from_env(var: &str) -> Result<Option<Token>, CredentialError> {
-        match std::env::var(var) {
-            Ok(text) => Token::parse(text.trim())
-                .map(Some)
-                .map_err(|why| invalid(format!("${var}"), why)),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => {
-                Err(invalid(format!("${var}"), "not UTF-8 text"))
-            }
-        }
+        read_env(var)?
+            .map(|text| Token::parse(text.trim()).map_err(|why| invalid(format!("${var}"), why)))
+            .transpose()
     }
 
     /// The token from `file` if given, else from environment variable `var`, else none.
@@ -169,6 +165,51 @@ fn is_token_char(c: char) -> bool {
 
 fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')
+}
+
+/// Adds a bearer token, if there is one, to every call of a tonic client
+/// (`XClient::with_interceptor(channel, BearerInterceptor::new(token))`).
+#[derive(Clone, Default)]
+pub struct BearerInterceptor(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl BearerInterceptor {
+    pub fn new(token: Option<&Token>) -> Self {
+        // A parsed token holds only header-safe characters, so this cannot fail.
+        BearerInterceptor(token.map(|t| {
+            t.bearer_header()
+                .parse()
+                .expect("a parsed token is a valid header value")
+        }))
+    }
+}
+
+impl fmt::Debug for BearerInterceptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BearerInterceptor(<redacted>)")
+    }
+}
+
+impl tonic::service::Interceptor for BearerInterceptor {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The text of environment variable `var`, if it is set.
+fn read_env(var: &str) -> Result<Option<String>, CredentialError> {
+    match std::env::var(var) {
+        Ok(text) => Ok(Some(text)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(invalid(format!("${var}"), "not UTF-8 text")),
+    }
 }
 
 /// The token an `authorization` header's value carries (`Bearer <token>`, the scheme's case
@@ -271,13 +312,9 @@ impl TokenSet {
     /// The list in environment variable `var` (entries separated by newlines or commas), if
     /// it is set.
     pub fn from_env(var: &str) -> Result<Option<TokenSet>, CredentialError> {
-        match std::env::var(var) {
-            Ok(text) => TokenSet::parse(&text, &format!("${var}"), &['\n', ',']).map(Some),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => {
-                Err(invalid(format!("${var}"), "not UTF-8 text"))
-            }
-        }
+        read_env(var)?
+            .map(|text| TokenSet::parse(&text, &format!("${var}"), &['\n', ',']))
+            .transpose()
     }
 
     /// The set from `file` if given, else from environment variable `var`, else none.
@@ -392,7 +429,7 @@ mod tests {
             ("", "no token in the list"),
             ("# only a comment\n", "no token in the list"),
             ("short", "16 to 512 bytes"),
-            ("has space inside the token", "16 to 512 bytes"),
+            ("has space inside the token", "U+0020"),
             ("bad name:aaaaaaaaaaaaaaaaaaa", "name"),
             (":aaaaaaaaaaaaaaaaaaaa", "name"),
             ("x:aaaaaaaaaaaaaaaa\u{e9}aa", "U+00E9"),

@@ -29,6 +29,19 @@ pub use codec::CodecError;
 pub use group_commit::{FlushError, GroupCommit};
 pub use ids::{BranchIdx, IdError, TxnId};
 
+/// An error followed by its sources (`a: b: c`), so that a message says why at the bottom (a
+/// TLS failure's "invalid peer certificate: UnknownIssuer", not only "transport error").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Cuts `text` to at most `max` bytes, on a character boundary, marking a cut with "...".
 ///
 /// Texts that come from outside (a participant's reason, an error message) end up in records

@@ -52,6 +52,10 @@ pub enum SecurityError {
         flag: &'static str,
         source: CredentialError,
     },
+    /// The files parse but do not make usable TLS settings (for example a key that is not
+    /// the certificate's).
+    #[error("{flags}: not usable for TLS: {why}")]
+    Tls { flags: &'static str, why: String },
 }
 
 fn named(flag: &'static str) -> impl FnOnce(CredentialError) -> SecurityError {
@@ -77,6 +81,14 @@ pub fn server_tls(
         let ca = credentials::read_pem_certs(ca).map_err(named("--tls-client-ca"))?;
         config = config.client_ca_root(Certificate::from_pem(ca));
     }
+    // Built once here so that a key that is not the certificate's stops the start with the
+    // flags named, before anything is bound or opened.
+    tonic::transport::Server::builder()
+        .tls_config(config.clone())
+        .map_err(|e| SecurityError::Tls {
+            flags: "--tls-cert/--tls-key",
+            why: tandem_common::error_chain(&e),
+        })?;
     Ok(config)
 }
 
@@ -94,6 +106,13 @@ pub fn client_tls(
         let key = credentials::read_pem_key(key).map_err(named("--participant-client-key"))?;
         config = config.identity(Identity::from_pem(cert, key));
     }
+    // Built once here (for any https address) so that unusable files stop the start.
+    tonic::transport::Endpoint::from_static("https://participant.invalid")
+        .tls_config(config.clone())
+        .map_err(|e| SecurityError::Tls {
+            flags: "--participant-ca/--participant-client-cert/--participant-client-key",
+            why: tandem_common::error_chain(&e),
+        })?;
     Ok(config)
 }
 

@@ -17,10 +17,9 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tandem_common::credentials::Token;
+use tandem_common::credentials::{BearerInterceptor, Token};
 use tandem_common::{BranchIdx, TxnId};
 use tandem_proto::v1 as pb;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -100,24 +99,6 @@ pub struct ParticipantSecurity {
     pub token: Option<Token>,
 }
 
-/// Adds the coordinator's bearer token, if it has one, to every call.
-#[derive(Clone)]
-pub struct BearerInterceptor(Option<AsciiMetadataValue>);
-
-impl tonic::service::Interceptor for BearerInterceptor {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 type ParticipantClient =
     pb::participant_client::ParticipantClient<InterceptedService<Channel, BearerInterceptor>>;
 
@@ -141,15 +122,10 @@ impl GrpcTransport {
     }
 
     pub fn with_security(security: ParticipantSecurity) -> Self {
-        // A token holds only header-safe characters (`Token::parse`), so this cannot fail.
-        let bearer = security.token.map(|token| {
-            MetadataValue::try_from(token.bearer_header())
-                .expect("a parsed token is a valid header value")
-        });
         GrpcTransport {
             channels: Mutex::new(HashMap::new()),
             tls: security.tls,
-            bearer: BearerInterceptor(bearer),
+            bearer: BearerInterceptor::new(security.token.as_ref()),
         }
     }
 

@@ -57,11 +57,10 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use tandem_common::credentials::Token;
+use tandem_common::credentials::{BearerInterceptor, Token};
 use tandem_common::{unix_now_ms, TxnId};
 use tandem_proto::v1 as pb;
 use tokio_stream::{Stream, StreamExt};
-use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::Instrument;
@@ -314,26 +313,8 @@ fn malformed_answer(what: &str, problem: String) -> Error {
     }
 }
 
-/// Adds the client's bearer token, if it has one, to every call.
-#[derive(Clone, Default)]
-struct Bearer(Option<AsciiMetadataValue>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 type CoordinatorClient =
-    pb::coordinator_client::CoordinatorClient<InterceptedService<Channel, Bearer>>;
+    pb::coordinator_client::CoordinatorClient<InterceptedService<Channel, BearerInterceptor>>;
 
 /// How [`TandemClient::connect_with`] reaches the coordinator.
 #[derive(Debug, Clone, Default)]
@@ -365,6 +346,15 @@ impl ConnectOptions {
             let key = read_pem_key(key).map_err(invalid)?;
             tls = tls.identity(Identity::from_pem(cert, key));
         }
+        // Built once here (for any https address) so that unusable files are reported now.
+        Endpoint::from_static("https://coordinator.invalid")
+            .tls_config(tls.clone())
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "TLS settings not usable: {}",
+                    tandem_common::error_chain(&e)
+                ))
+            })?;
         Ok(tls)
     }
 }
@@ -384,28 +374,6 @@ fn endpoint_uri(address: &str, tls: bool) -> String {
     } else {
         format!("http://{address}")
     }
-}
-
-fn bearer(token: Option<&Token>) -> Bearer {
-    // A parsed token holds only header-safe characters, so this cannot fail.
-    Bearer(token.map(|t| {
-        t.bearer_header()
-            .parse()
-            .expect("a parsed token is a valid header value")
-    }))
-}
-
-/// An error with its sources, so that a TLS failure says why ("invalid peer certificate:
-/// UnknownIssuer") rather than only "transport error".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn status_error(status: tonic::Status) -> Error {
@@ -456,13 +424,13 @@ impl TandemClient {
         let channel = endpoint.connect().await.map_err(|e| {
             Error::Unavailable(format!(
                 "cannot connect to the coordinator at {address}: {}",
-                error_chain(&e)
+                tandem_common::error_chain(&e)
             ))
         })?;
         Ok(TandemClient {
             inner: pb::coordinator_client::CoordinatorClient::with_interceptor(
                 channel.clone(),
-                bearer(options.token.as_ref()),
+                BearerInterceptor::new(options.token.as_ref()),
             ),
             channel,
         })
@@ -473,7 +441,7 @@ impl TandemClient {
         TandemClient {
             inner: pb::coordinator_client::CoordinatorClient::with_interceptor(
                 self.channel.clone(),
-                bearer(Some(&token)),
+                BearerInterceptor::new(Some(&token)),
             ),
             channel: self.channel,
         }

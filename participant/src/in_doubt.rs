@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tracing::Instrument;
 
+use tandem_common::credentials::BearerInterceptor;
 use tandem_common::unix_now_ms;
 use tandem_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
@@ -92,19 +93,16 @@ impl Participant {
                 }
             },
         };
-        let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
+        let mut client = pb::coordinator_client::CoordinatorClient::with_interceptor(
+            channel,
+            BearerInterceptor::new(self.config().coordinator_token.as_ref()),
+        );
         let timeout = Duration::from_millis(self.config().coordinator_query_timeout_ms);
         let mut request = tonic::Request::new(pb::QueryOutcomeRequest {
             txn_id: branch.ctx.txn.to_string(),
             branch: branch.ctx.branch.0,
         });
         request.set_timeout(timeout);
-        if let Some(token) = &self.config().coordinator_token {
-            // A parsed token holds only header-safe characters.
-            if let Ok(value) = token.bearer_header().parse() {
-                request.metadata_mut().insert("authorization", value);
-            }
-        }
         let answer = match tokio::time::timeout(timeout, client.query_outcome(request)).await {
             Ok(Ok(answer)) => answer.into_inner(),
             Ok(Err(status)) => {

@@ -183,6 +183,15 @@ impl ServeSecurity {
             let ca = read_pem_certs(ca).map_err(invalid)?;
             tls = tls.client_ca_root(Certificate::from_pem(ca));
         }
+        // Built once here so that a key that is not the certificate's is reported now.
+        tonic::transport::Server::builder()
+            .tls_config(tls.clone())
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "TLS certificate and key not usable: {}",
+                    tandem_common::error_chain(&e)
+                ))
+            })?;
         Ok(ServeSecurity {
             tls: Some(tls),
             mutual_tls: client_ca.is_some(),

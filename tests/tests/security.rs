@@ -834,84 +834,181 @@ async fn participant_addresses_outside_the_allow_list_or_of_the_wrong_scheme_are
     assert_eq!(cluster.balances().await, balances(90, 60));
 }
 
+/// Runs `program serve --listen LISTEN --data-dir DATA` with `extra` arguments, expects it to
+/// refuse to start (exit code 2) and returns its standard error.
+async fn refused_start(program: &Path, listen: &str, data: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "serve",
+        "--listen",
+        listen,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (code, stderr) = run_to_end(program, &args).await;
+    assert_eq!(
+        code,
+        Some(2),
+        "{} {args:?} should refuse to start: {stderr}",
+        program.display()
+    );
+    stderr
+}
+
 #[tokio::test]
 async fn insecure_or_broken_settings_stop_the_servers_at_start() {
     let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::make(&dir.path().join("pki")).await;
     let data = dir.path().join("data");
-    let data_arg = data.to_str().unwrap();
     let bins = binaries();
-    // A non-loopback address literal is refused before anything is bound or opened.
-    let (code, stderr) = run_to_end(
-        &bins.tandem,
-        &["serve", "--listen", "0.0.0.0:0", "--data-dir", data_arg],
-    )
-    .await;
-    assert_eq!(code, Some(2), "{stderr}");
+    // A non-loopback address literal without TLS is refused before anything is bound.
+    let stderr = refused_start(&bins.tandem, "0.0.0.0:0", &data, &[]).await;
     assert!(
         stderr.contains("not a loopback address")
             && stderr.contains("--plaintext")
             && stderr.contains("--tls-cert"),
         "the message should name the flags: {stderr}"
     );
-    let (code, stderr) = run_to_end(
-        &bins.bank,
-        &[
-            "serve",
-            "--listen",
-            "0.0.0.0:0",
-            "--accounts",
-            "alice=1",
-            "--data-dir",
-            data_arg,
-        ],
-    )
-    .await;
-    assert_eq!(code, Some(2), "{stderr}");
+    let stderr = refused_start(&bins.bank, "0.0.0.0:0", &data, &["--accounts", "alice=1"]).await;
     assert!(stderr.contains("--plaintext"), "{stderr}");
     // A certificate file that cannot be read is named with its flag.
     let missing = dir.path().join("missing-cert.pem");
     let missing = missing.to_str().unwrap();
-    let (code, stderr) = run_to_end(
+    let stderr = refused_start(
         &bins.tandem,
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data_arg,
-            "--tls-cert",
-            missing,
-            "--tls-key",
-            missing,
-        ],
+        "127.0.0.1:0",
+        &data,
+        &["--tls-cert", missing, "--tls-key", missing],
     )
     .await;
-    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("--tls-cert") && stderr.contains("missing-cert.pem"),
+        "{stderr}"
+    );
+    // A key that is not the certificate's.
+    let (cert, key) = (pki.path("coordinator.pem"), pki.path("bank-a.key"));
+    let stderr = refused_start(
+        &bins.tandem,
+        "127.0.0.1:0",
+        &data,
+        &["--tls-cert", &cert, "--tls-key", &key],
+    )
+    .await;
+    assert!(
+        stderr.contains("--tls-cert/--tls-key") && stderr.contains("KeyMismatch"),
         "{stderr}"
     );
     // A token list that is too weak is refused without showing the token.
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "billing:tiny-tok-9\n").unwrap();
-    let (code, stderr) = run_to_end(
+    let stderr = refused_start(
         &bins.tandem,
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data_arg,
-            "--client-tokens-file",
-            tokens.to_str().unwrap(),
-        ],
+        "127.0.0.1:0",
+        &data,
+        &["--client-tokens-file", tokens.to_str().unwrap()],
     )
     .await;
-    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("--client-tokens-file") && stderr.contains("16 to 512 bytes"),
         "{stderr}"
     );
     assert!(!stderr.contains("tiny-tok-9"), "the token leaked: {stderr}");
     assert!(!data.exists(), "a refused start created its data folder");
+}
+
+#[tokio::test]
+async fn a_participant_resolves_a_branch_in_doubt_by_asking_the_coordinator_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::make(&dir.path().join("pki")).await;
+    let coordinator_args = [
+        pki.serve_tls(true),
+        pki.participant_tls(),
+        pki.tokens(),
+        vec![
+            "--participant-token-file".into(),
+            pki.path("participant-token"),
+        ],
+    ]
+    .concat();
+    let coordinator = Node::coordinator_with_args(
+        &dir.path().join("coordinator"),
+        &strs(&coordinator_args),
+        None,
+    )
+    .await;
+    let a_args = pki.bank("bank-a", true);
+    let a_dir = dir.path().join("bank-a");
+    let mut crashing = Node::bank_with_args(
+        "bank-a",
+        &a_dir,
+        BANK_A,
+        &strs(&a_args),
+        Some("participant.after_prepare_persisted"),
+    )
+    .await;
+    let mut b = Node::bank_with_args(
+        "bank-b",
+        &dir.path().join("bank-b"),
+        BANK_B,
+        &strs(&pki.bank("bank-b", true)),
+        None,
+    )
+    .await;
+    let options = ConnectOptions {
+        tls: Some(pki.client_tls(Some("client"))),
+        token: token(CLIENT_TOKEN),
+    };
+    let address = format!("https://{}", coordinator.addr());
+    let mut client = TandemClient::connect_with(&address, options.clone())
+        .await
+        .unwrap();
+    let b_addr = format!("https://{}", b.addr());
+    let txn = TandemClient::new_txn_id();
+    let branches = bank::transfer_branches(
+        (&format!("https://{}", crashing.addr()), "alice"),
+        (&b_addr, "bob"),
+        10,
+    );
+    // Bank a holds alice's 10 prepared and dies before it votes: the coordinator aborts.
+    let outcome = client.execute_2pc_with(&txn, branches, None).await.unwrap();
+    assert!(
+        matches!(outcome, Outcome::Aborted { .. }),
+        "{txn}: {outcome:?}"
+    );
+    crashing
+        .expect_crash("participant.after_prepare_persisted")
+        .await;
+    // Back on another port, where the coordinator's redeliveries never arrive: only its own
+    // outcome query, over mutual TLS with its client token, can release the hold.
+    let mut a = Node::bank_with_args("bank-a", &a_dir, BANK_A, &strs(&a_args), None).await;
+    let a_addr = format!("https://{}", a.addr());
+    // A debit of alice's whole 100 commits only once the 10 held in doubt are released.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut attempts = Vec::new();
+    loop {
+        let txn = TandemClient::new_txn_id();
+        let all = bank::transfer_branches((&a_addr, "alice"), (&b_addr, "bob"), 100);
+        let outcome = client.execute_2pc_with(&txn, all, None).await.unwrap();
+        attempts.push(format!("{txn}: {outcome:?}"));
+        if outcome == Outcome::Committed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the branch in doubt was never resolved; attempts: {attempts:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(
+        (a.balances(), b.balances()),
+        balances(0, 150),
+        "attempts: {attempts:#?}"
+    );
+    assert!(bank::open(&a_dir)
+        .unwrap()
+        .prepared_branches()
+        .unwrap()
+        .is_empty());
 }
