@@ -203,6 +203,13 @@ fn token(text: &str) -> Option<Token> {
     Some(Token::parse(text).unwrap())
 }
 
+/// Starts bank `name` (`bank-a` holds alice's 100, `bank-b` bob's 50) in `root/name` with
+/// `tandem-bank serve` arguments `args`.
+async fn start_bank(root: &Path, name: &str, args: &[String], crash_at: Option<&str>) -> Node {
+    let accounts = if name == "bank-a" { BANK_A } else { BANK_B };
+    Node::bank_with_args(name, &root.join(name), accounts, &strs(args), crash_at).await
+}
+
 /// A coordinator and two banks with the given arguments, in one temp folder beside the PKI.
 struct Cluster {
     dir: tempfile::TempDir,
@@ -231,22 +238,8 @@ impl Cluster {
         } else {
             "http"
         };
-        let a = Node::bank_with_args(
-            "bank-a",
-            &dir.path().join("bank-a"),
-            BANK_A,
-            &strs(&a_args),
-            None,
-        )
-        .await;
-        let b = Node::bank_with_args(
-            "bank-b",
-            &dir.path().join("bank-b"),
-            BANK_B,
-            &strs(&b_args),
-            None,
-        )
-        .await;
+        let a = start_bank(dir.path(), "bank-a", &a_args, None).await;
+        let b = start_bank(dir.path(), "bank-b", &b_args, None).await;
         Cluster {
             dir,
             pki,
@@ -268,6 +261,19 @@ impl Cluster {
             (&self.bank_addr(&self.b), "bob"),
             amount,
         )
+    }
+
+    /// Transfers 10 from alice to bob with `client`, asserts it committed (and finished),
+    /// and returns its id.
+    async fn commit_transfer(&self, client: &mut TandemClient, what: &str) -> TxnId {
+        let txn = TandemClient::new_txn_id();
+        let outcome = client
+            .execute_2pc_with(&txn, self.transfer(10), None)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: transfer {txn}: {e}"));
+        assert_eq!(outcome, Outcome::Committed, "{what}: transfer {txn}");
+        assert_eq!(wait_finished(client, &txn).await, Outcome::Committed);
+        txn
     }
 
     /// A client of the coordinator; `https` when `tls` is given.
@@ -341,13 +347,7 @@ async fn two_pc_and_saga_transfers_complete_over_mutual_tls_with_tokens() {
         .client(options)
         .await
         .expect("a trusted client connects");
-    let txn = TandemClient::new_txn_id();
-    let outcome = client
-        .execute_2pc_with(&txn, cluster.transfer(10), None)
-        .await
-        .unwrap_or_else(|e| panic!("2PC transfer {txn} over TLS: {e}"));
-    assert_eq!(outcome, Outcome::Committed, "2PC transfer {txn}");
-    assert_eq!(wait_finished(&mut client, &txn).await, Outcome::Committed);
+    cluster.commit_transfer(&mut client, "2PC over TLS").await;
 
     let saga = Saga::sequence(bank::transfer_saga_steps(
         (&cluster.bank_addr(&cluster.a), "alice"),
@@ -460,16 +460,9 @@ async fn mutual_tls_refuses_clients_without_a_certificate_the_ca_signed() {
     for txn in &refused {
         assert_unknown(&mut client, txn).await;
     }
-    let txn = TandemClient::new_txn_id();
-    let outcome = client
-        .execute_2pc_with(&txn, cluster.transfer(10), None)
-        .await
-        .unwrap();
-    assert_eq!(
-        outcome,
-        Outcome::Committed,
-        "the trusted client's transfer {txn}"
-    );
+    cluster
+        .commit_transfer(&mut client, "the trusted client")
+        .await;
     assert_eq!(cluster.balances().await, balances(90, 60));
 }
 
@@ -503,14 +496,7 @@ async fn a_participant_refuses_callers_that_are_not_the_coordinator() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::make(&dir.path().join("pki")).await;
     let bank_dir = dir.path().join("bank-a");
-    let mut bank_a = Node::bank_with_args(
-        "bank-a",
-        &bank_dir,
-        BANK_A,
-        &strs(&pki.bank("bank-a", true)),
-        None,
-    )
-    .await;
+    let mut bank_a = start_bank(dir.path(), "bank-a", &pki.bank("bank-a", true), None).await;
     let addr = bank_a.addr();
     let https = format!("https://{addr}");
     let debit = |amount| {
@@ -689,16 +675,9 @@ async fn missing_or_wrong_client_tokens_are_unauthenticated() {
         matches!(&unknown_saga, Err(e) if code_of(e) == Some(Code::NotFound)),
         "a refused saga should be unknown: {unknown_saga:?}"
     );
-    let txn = TandemClient::new_txn_id();
-    let outcome = client
-        .execute_2pc_with(&txn, cluster.transfer(10), None)
-        .await
-        .unwrap();
-    assert_eq!(
-        outcome,
-        Outcome::Committed,
-        "the transfer with a client token"
-    );
+    let txn = cluster
+        .commit_transfer(&mut client, "with a client token")
+        .await;
     // The admin credential is accepted for client calls too.
     let mut admin = cluster
         .client(ConnectOptions {
@@ -721,13 +700,9 @@ async fn admin_calls_without_the_admin_credential_are_refused() {
         })
         .await
         .unwrap();
-    let txn = TandemClient::new_txn_id();
-    let outcome = client
-        .execute_2pc_with(&txn, cluster.transfer(10), None)
-        .await
-        .unwrap();
-    assert_eq!(outcome, Outcome::Committed);
-    assert_eq!(wait_finished(&mut client, &txn).await, Outcome::Committed);
+    let txn = cluster
+        .commit_transfer(&mut client, "before the probes")
+        .await;
 
     let channel = Endpoint::from_shared(format!("http://{}", cluster.coordinator.addr()))
         .unwrap()
@@ -825,12 +800,9 @@ async fn participant_addresses_outside_the_allow_list_or_of_the_wrong_scheme_are
         assert_unknown(&mut client, txn).await;
     }
     // The same banks over https: the coordinator calls them over TLS.
-    let txn = TandemClient::new_txn_id();
-    let outcome = client
-        .execute_2pc_with(&txn, cluster.transfer(10), None)
-        .await
-        .unwrap();
-    assert_eq!(outcome, Outcome::Committed);
+    cluster
+        .commit_transfer(&mut client, "https participants")
+        .await;
     assert_eq!(cluster.balances().await, balances(90, 60));
 }
 
@@ -938,22 +910,9 @@ async fn a_participant_resolves_a_branch_in_doubt_by_asking_the_coordinator_over
     .await;
     let a_args = pki.bank("bank-a", true);
     let a_dir = dir.path().join("bank-a");
-    let mut crashing = Node::bank_with_args(
-        "bank-a",
-        &a_dir,
-        BANK_A,
-        &strs(&a_args),
-        Some("participant.after_prepare_persisted"),
-    )
-    .await;
-    let mut b = Node::bank_with_args(
-        "bank-b",
-        &dir.path().join("bank-b"),
-        BANK_B,
-        &strs(&pki.bank("bank-b", true)),
-        None,
-    )
-    .await;
+    let crash_at = Some("participant.after_prepare_persisted");
+    let mut crashing = start_bank(dir.path(), "bank-a", &a_args, crash_at).await;
+    let mut b = start_bank(dir.path(), "bank-b", &pki.bank("bank-b", true), None).await;
     let options = ConnectOptions {
         tls: Some(pki.client_tls(Some("client"))),
         token: token(CLIENT_TOKEN),
@@ -980,7 +939,7 @@ async fn a_participant_resolves_a_branch_in_doubt_by_asking_the_coordinator_over
         .await;
     // Back on another port, where the coordinator's redeliveries never arrive: only its own
     // outcome query, over mutual TLS with its client token, can release the hold.
-    let mut a = Node::bank_with_args("bank-a", &a_dir, BANK_A, &strs(&a_args), None).await;
+    let mut a = start_bank(dir.path(), "bank-a", &a_args, None).await;
     let a_addr = format!("https://{}", a.addr());
     // A debit of alice's whole 100 commits only once the 10 held in doubt are released.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
