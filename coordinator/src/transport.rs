@@ -89,7 +89,7 @@ pub trait ParticipantTransport: Send + Sync + 'static {
 }
 
 /// How the coordinator proves itself to participants.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ParticipantSecurity {
     /// TLS settings for `https://` participants: the CA to trust, and the identity presented
     /// to participants that require mutual TLS. `None`: no participant is called over TLS.
@@ -97,6 +97,16 @@ pub struct ParticipantSecurity {
     /// Sent with every call as `authorization: Bearer <token>` (participants that require a
     /// token from the coordinator check it).
     pub token: Option<Token>,
+}
+
+// By hand: tonic's `ClientTlsConfig` would print its identity's private key.
+impl std::fmt::Debug for ParticipantSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParticipantSecurity")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token)
+            .finish()
+    }
 }
 
 type ParticipantClient =

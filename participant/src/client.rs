@@ -317,7 +317,7 @@ type CoordinatorClient =
     pb::coordinator_client::CoordinatorClient<InterceptedService<Channel, BearerInterceptor>>;
 
 /// How [`TandemClient::connect_with`] reaches the coordinator.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ConnectOptions {
     /// TLS settings: the CA that signed the coordinator's certificate and, for a coordinator
     /// that requires mutual TLS, this client's identity. With them, an address without a
@@ -325,6 +325,16 @@ pub struct ConnectOptions {
     pub tls: Option<ClientTlsConfig>,
     /// Sent with every call as `authorization: Bearer <token>`.
     pub token: Option<Token>,
+}
+
+// By hand: tonic's `ClientTlsConfig` would print its identity's private key.
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token)
+            .finish()
+    }
 }
 
 impl ConnectOptions {

@@ -57,7 +57,7 @@ const SAGA_CALLBACKS_VIEW: usize = 2;
 const RESERVED_TREE_PREFIX: &str = "tandem.";
 
 /// Tunables of a participant.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ParticipantConfig {
     /// How often the in-doubt resolver looks for branches left prepared.
     pub in_doubt_check_interval_ms: u64,
@@ -72,6 +72,25 @@ pub struct ParticipantConfig {
     pub coordinator_tls: Option<tonic::transport::ClientTlsConfig>,
     /// The client token sent with outcome queries, for a coordinator that requires tokens.
     pub coordinator_token: Option<tandem_common::credentials::Token>,
+}
+
+// By hand: tonic's `ClientTlsConfig` would print its identity's private key.
+impl std::fmt::Debug for ParticipantConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParticipantConfig")
+            .field(
+                "in_doubt_check_interval_ms",
+                &self.in_doubt_check_interval_ms,
+            )
+            .field("in_doubt_age_ms_min", &self.in_doubt_age_ms_min)
+            .field(
+                "coordinator_query_timeout_ms",
+                &self.coordinator_query_timeout_ms,
+            )
+            .field("coordinator_tls", &self.coordinator_tls.is_some())
+            .field("coordinator_token", &self.coordinator_token)
+            .finish()
+    }
 }
 
 impl Default for ParticipantConfig {
