@@ -245,6 +245,51 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    fn args(out: &Path) -> CertsArgs {
+        CertsArgs {
+            out: out.to_path_buf(),
+            coordinator_name: "tandem-coordinator".into(),
+            participant_names: vec!["bank-a".into()],
+            client_name: "tandem-client".into(),
+            hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            days: 30,
+            force: false,
+        }
+    }
+
+    #[test]
+    fn certs_are_written_with_private_keys_and_never_overwritten_by_accident() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        run(args(dir.path())).unwrap();
+        for name in ["ca", "coordinator", "bank-a", "client"] {
+            let pem = std::fs::read_to_string(dir.path().join(format!("{name}.pem"))).unwrap();
+            assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{name}.pem");
+            let key = dir.path().join(format!("{name}.key"));
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}.key is readable by others");
+            tandem_common::credentials::read_pem_key(&key).unwrap();
+        }
+        let before = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        let error = format!("{:#}", run(args(dir.path())).unwrap_err());
+        assert!(
+            error.contains("ca.pem exists") && error.contains("--force"),
+            "{error}"
+        );
+        assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), before);
+        run(CertsArgs {
+            force: true,
+            ..args(dir.path())
+        })
+        .unwrap();
+        assert_ne!(std::fs::read(dir.path().join("ca.pem")).unwrap(), before);
+        let clash = CertsArgs {
+            participant_names: vec!["client".into()],
+            ..args(dir.path())
+        };
+        assert!(run(clash).unwrap_err().to_string().contains("collides"));
+    }
+
     #[test]
     fn names_must_be_dns_names() {
         for good in ["bank-a", "tandem-coordinator", "a.b.example", "x1"] {
