@@ -17,11 +17,14 @@
 //! - [`logging`]: the log set-up both binaries share (human or JSON, `TANDEM_LOG_FORMAT`);
 //! - [`trace_context`]: W3C `traceparent` parsing, formatting and child spans;
 //! - [`progress`]: the progress display of long-running commands (bar or plain lines).
+//! - [`credentials`]: bearer tokens (kept as digests, compared in constant time, never
+//!   printed) and PEM files, read and checked once for every binary that takes them.
 
 pub mod backoff;
 pub mod child;
 pub mod codec;
 pub mod crash;
+pub mod credentials;
 pub mod duration;
 pub mod group_commit;
 pub mod ids;
@@ -34,6 +37,19 @@ pub use codec::CodecError;
 pub use group_commit::{FlushError, GroupCommit};
 pub use ids::{BranchIdx, IdError, TxnId};
 pub use trace_context::TraceContext;
+
+/// An error followed by its sources (`a: b: c`), so that a message says why at the bottom (a
+/// TLS failure's "invalid peer certificate: UnknownIssuer", not only "transport error").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 /// Cuts `text` to at most `max` bytes, on a character boundary, marking a cut with "...".
 ///

@@ -130,6 +130,10 @@ pub struct CoordinatorConfig {
     /// Where the runtime and the log's flusher report what they do (served on `/metrics`
     /// when `tandem serve --metrics-listen` is given). Default: a fresh, unserved registry.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Whether the coordinator calls participants over TLS (`tandem serve --participant-ca`):
+    /// participant addresses must then be `https://`, and otherwise `http://` (or bare
+    /// `host:port`). A request naming the other scheme is refused with INVALID_ARGUMENT.
+    pub participant_tls: bool,
 }
 
 /// Default of [`CoordinatorConfig::terminal_retention_ms`]: 7 days, the default id-age limit.
@@ -164,6 +168,7 @@ impl CoordinatorConfig {
             participant_hosts_allowed: vec![HostPattern::Loopback],
             terminal_retention_ms: Some(TERMINAL_RETENTION_MS_DEFAULT),
             metrics: std::sync::Arc::default(),
+            participant_tls: false,
         }
     }
 

@@ -19,6 +19,11 @@
 //! Metrics: the log's flusher reports every flush to the configuration's
 //! [`crate::metrics::Metrics`], which also reads the log's size on disk at each scrape.
 //! Serving them over HTTP is the caller's choice ([`crate::metrics::serve`]).
+//!
+//! [`run_with_security`] adds TLS (optionally mutual), the bearer-token layer of
+//! [`crate::security`] in front of every service, and how the coordinator calls participants
+//! ([`ParticipantSecurity`]); [`run`] is plaintext without tokens. Which listen addresses may
+//! go without TLS is the binary's decision (docs/operations.md).
 
 use std::future::Future;
 use std::path::Path;
@@ -36,9 +41,10 @@ use crate::error::CoordinatorError;
 use crate::log::sled_log::SledLog;
 use crate::log::TxnLog;
 use crate::runtime;
+use crate::security::{AccessPolicy, AuthLayer};
 use crate::server::admin::AdminService;
 use crate::server::CoordinatorService;
-use crate::transport::GrpcTransport;
+use crate::transport::{GrpcTransport, ParticipantSecurity};
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -87,19 +93,55 @@ async fn health_shutting_down(reporter: HealthReporter) {
     });
 }
 
+/// How the daemon is secured; the default is plaintext, no tokens.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonSecurity {
+    /// TLS of the server (with a client CA: mutual TLS). `None`: plaintext.
+    pub server_tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Which bearer tokens calls must carry.
+    pub access: AccessPolicy,
+    /// How the coordinator calls participants.
+    pub participants: ParticipantSecurity,
+}
+
 /// Serves the coordinator on `listener` with its log in `data_dir` until `shutdown`
-/// resolves.
+/// resolves: plaintext, no tokens.
 pub async fn run(
     listener: TcpListener,
     data_dir: &Path,
     config: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
+    run_with_security(
+        listener,
+        data_dir,
+        config,
+        DaemonSecurity::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`] with TLS, tokens and participant security as `security` says.
+pub async fn run_with_security(
+    listener: TcpListener,
+    data_dir: &Path,
+    config: CoordinatorConfig,
+    security: DaemonSecurity,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    // TLS settings are checked before the log is opened: a bad certificate stops the start
+    // without touching stored data.
+    let mut builder = tonic::transport::Server::builder();
+    let tls = security.server_tls.is_some();
+    if let Some(server_tls) = security.server_tls {
+        builder = builder.tls_config(server_tls)?;
+    }
     let log = Arc::new(SledLog::open(data_dir).map_err(CoordinatorError::from)?);
     log.flusher().set_observer(config.metrics.clone());
     config.metrics.watch_log(log.clone());
-    let (handle, runtime_task) =
-        runtime::start(log.clone(), Arc::new(GrpcTransport::new()), config.clone())?;
+    let transport = GrpcTransport::with_security(security.participants);
+    let (handle, runtime_task) = runtime::start(log.clone(), Arc::new(transport), config.clone())?;
     let grace = config.shutdown_grace;
     let admin = AdminService::new(handle.clone());
     let service = CoordinatorService::new(handle, config);
@@ -135,10 +177,17 @@ pub async fn run(
         let _ = stopping_tx.send(());
         health_shutting_down(health).await;
     };
-    tracing::info!(listen = ?listener.local_addr().ok(), data_dir = %data_dir.display(), "coordinator serving");
+    tracing::info!(
+        listen = ?listener.local_addr().ok(),
+        data_dir = %data_dir.display(),
+        tls,
+        tokens = security.access.is_enforced(),
+        "coordinator serving"
+    );
     // Accepted sockets get TCP_NODELAY here: `Server::tcp_nodelay` only reaches sockets tonic
     // binds itself, and without it Nagle meets delayed ACKs (40 ms per call).
-    let server = tonic::transport::Server::builder()
+    let server = builder
+        .layer(AuthLayer::new(security.access))
         .add_service(
             service
                 .into_server()

@@ -13,6 +13,7 @@
 //!   `/metrics` endpoint;
 //! - [`otel`]: OpenTelemetry span export (feature `otel`) and the link of spans to a
 //!   transaction's trace.
+//! - [`security`]: TLS settings and the bearer-token layer in front of every service.
 
 pub mod config;
 pub mod daemon;
@@ -22,6 +23,7 @@ pub mod log;
 pub mod metrics;
 pub mod otel;
 pub mod runtime;
+pub mod security;
 pub mod server;
 pub mod transport;
 

@@ -7,6 +7,13 @@
 //! Every call carries its transaction's trace context, when it has one, as the W3C
 //! `traceparent` gRPC metadata entry ([`set_traceparent`]), so the participant's logs join the
 //! transaction's trace.
+//!
+//! Security ([`ParticipantSecurity`]): an `https://` participant is called over TLS, trusting
+//! the configured CA and, when a client identity is configured, presenting it (participants
+//! that require mutual TLS check that it names the coordinator). A configured token goes with
+//! every call as `authorization: Bearer <token>`. The edge admits only the scheme that matches
+//! this configuration (`CoordinatorConfig::participant_tls`); the check here covers work
+//! recovered from the log that named another.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,9 +21,11 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tandem_common::credentials::{BearerInterceptor, Token};
 use tandem_common::{BranchIdx, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::engine::saga::ActionAnswer;
 use crate::engine::types::{BranchTarget, Vote};
@@ -91,37 +100,87 @@ pub trait ParticipantTransport: Send + Sync + 'static {
     fn saga_finished(&self, call: CallbackCall) -> CallFuture<()>;
 }
 
+/// How the coordinator proves itself to participants.
+#[derive(Clone, Default)]
+pub struct ParticipantSecurity {
+    /// TLS settings for `https://` participants: the CA to trust, and the identity presented
+    /// to participants that require mutual TLS. `None`: no participant is called over TLS.
+    pub tls: Option<ClientTlsConfig>,
+    /// Sent with every call as `authorization: Bearer <token>` (participants that require a
+    /// token from the coordinator check it).
+    pub token: Option<Token>,
+}
+
+// By hand: tonic's `ClientTlsConfig` would print its identity's private key.
+impl std::fmt::Debug for ParticipantSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParticipantSecurity")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+type ParticipantClient =
+    pb::participant_client::ParticipantClient<InterceptedService<Channel, BearerInterceptor>>;
+
 /// The gRPC transport: `tandem.v1.Participant` over tonic.
-#[derive(Default)]
 pub struct GrpcTransport {
     channels: Mutex<HashMap<String, Channel>>,
+    tls: Option<ClientTlsConfig>,
+    bearer: BearerInterceptor,
+}
+
+impl Default for GrpcTransport {
+    fn default() -> Self {
+        GrpcTransport::new()
+    }
 }
 
 impl GrpcTransport {
+    /// Plaintext, without a token.
     pub fn new() -> Self {
-        Self::default()
+        GrpcTransport::with_security(ParticipantSecurity::default())
     }
 
-    fn client(
-        &self,
-        participant: &str,
-    ) -> Result<pb::participant_client::ParticipantClient<Channel>, TransportError> {
+    pub fn with_security(security: ParticipantSecurity) -> Self {
+        GrpcTransport {
+            channels: Mutex::new(HashMap::new()),
+            tls: security.tls,
+            bearer: BearerInterceptor::new(security.token.as_ref()),
+        }
+    }
+
+    fn client(&self, participant: &str) -> Result<ParticipantClient, TransportError> {
         let mut channels = self.channels.lock().unwrap();
         let channel = match channels.get(participant) {
             Some(channel) => channel.clone(),
             None => {
-                let endpoint = Endpoint::from_shared(participant.to_string())
+                let mut endpoint = Endpoint::from_shared(participant.to_string())
                     .map_err(|e| {
                         TransportError(format!("bad participant address {participant:?}: {e}"))
                     })?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true);
+                if participant.starts_with("https://") {
+                    let tls = self.tls.clone().ok_or_else(|| {
+                        TransportError(format!(
+                            "{participant}: an https participant, but this coordinator has no TLS settings for participants (--participant-ca)"
+                        ))
+                    })?;
+                    endpoint = endpoint
+                        .tls_config(tls)
+                        .map_err(|e| TransportError(format!("{participant}: TLS settings: {e}")))?;
+                }
                 let channel = endpoint.connect_lazy();
                 channels.insert(participant.to_string(), channel.clone());
                 channel
             }
         };
-        Ok(pb::participant_client::ParticipantClient::new(channel))
+        Ok(pb::participant_client::ParticipantClient::with_interceptor(
+            channel,
+            self.bearer.clone(),
+        ))
     }
 }
 

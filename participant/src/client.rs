@@ -49,17 +49,25 @@
 //! the one given ([`TandemClient::execute_2pc_traced`], [`Saga::trace`]) or a new one. The
 //! coordinator passes it on to every participant call, so one transaction reads as one trace.
 //!
+//! Security: [`TandemClient::connect_with`] takes [`ConnectOptions`]: TLS settings (the CA
+//! that signed the coordinator's certificate and, under mutual TLS, the client's identity)
+//! and a bearer token; [`TandemClient::with_token`] adds a token to a client already
+//! connected. A token is sent with every call as `authorization: Bearer <token>` and never
+//! printed.
+//!
 //! Prost types stay in here: sagas go out converted from [`Saga`], states come back converted
 //! into [`SagaState`] and [`SagaChange`] (see [`crate::saga_state`]).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use tandem_common::credentials::{BearerInterceptor, Token};
 use tandem_common::trace_context::TRACEPARENT;
 use tandem_common::{unix_now_ms, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::Instrument;
 
 use crate::error::Error;
@@ -331,15 +339,74 @@ fn traced<T>(message: T, trace: &TraceContext) -> tonic::Request<T> {
     request
 }
 
+type CoordinatorClient =
+    pb::coordinator_client::CoordinatorClient<InterceptedService<Channel, BearerInterceptor>>;
+
+/// How [`TandemClient::connect_with`] reaches the coordinator.
+#[derive(Clone, Default)]
+pub struct ConnectOptions {
+    /// TLS settings: the CA that signed the coordinator's certificate and, for a coordinator
+    /// that requires mutual TLS, this client's identity. With them, an address without a
+    /// scheme is `https://`.
+    pub tls: Option<ClientTlsConfig>,
+    /// Sent with every call as `authorization: Bearer <token>`.
+    pub token: Option<Token>,
+}
+
+// By hand: tonic's `ClientTlsConfig` would print its identity's private key.
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl ConnectOptions {
+    /// TLS settings read from PEM files: the CA that signed the coordinator's certificate,
+    /// and optionally this client's certificate and key (for mutual TLS). Errors name the
+    /// file.
+    pub fn tls_from_files(
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<ClientTlsConfig, Error> {
+        use tandem_common::credentials::{read_pem_certs, read_pem_key};
+        use tonic::transport::{Certificate, Identity};
+        let invalid =
+            |e: tandem_common::credentials::CredentialError| Error::InvalidArgument(e.to_string());
+        let ca = read_pem_certs(ca).map_err(invalid)?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = identity {
+            let cert = read_pem_certs(cert).map_err(invalid)?;
+            let key = read_pem_key(key).map_err(invalid)?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        // Built once here (for any https address) so that unusable files are reported now.
+        Endpoint::from_static("https://coordinator.invalid")
+            .tls_config(tls.clone())
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "TLS settings not usable: {}",
+                    tandem_common::error_chain(&e)
+                ))
+            })?;
+        Ok(tls)
+    }
+}
+
 /// A client of the coordinator. Cheap to clone.
 #[derive(Clone)]
 pub struct TandemClient {
-    inner: pb::coordinator_client::CoordinatorClient<Channel>,
+    channel: Channel,
+    inner: CoordinatorClient,
 }
 
-fn endpoint_uri(address: &str) -> String {
+fn endpoint_uri(address: &str, tls: bool) -> String {
     if address.contains("://") {
         address.to_string()
+    } else if tls {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     }
@@ -374,6 +441,14 @@ fn status_error(status: tonic::Status) -> Error {
             Error::Unavailable(status.message().to_string())
         }
         tonic::Code::Unavailable => Error::Unavailable(status.message().to_string()),
+        // The client never cancels a call it still awaits (dropping the future is how it gives
+        // up), so a CANCELLED status comes from the connection: the coordinator died mid-call
+        // or is down behind a proxy that accepted the connection. Like UNAVAILABLE, the outcome
+        // is unknown and a retry with the same id learns it (found by the chaos run).
+        tonic::Code::Cancelled => Error::Unavailable(format!(
+            "the call was cancelled by the connection: {}",
+            status.message()
+        )),
         tonic::Code::ResourceExhausted => {
             use tonic_types::StatusExt;
             Error::Overloaded {
@@ -391,20 +466,57 @@ fn status_error(status: tonic::Status) -> Error {
 }
 
 impl TandemClient {
-    /// Connects to the coordinator at `address` (`host:port` or `http://host:port`).
+    /// Connects to the coordinator at `address` (`host:port` or `http://host:port`),
+    /// plaintext and without a token.
     pub async fn connect(address: &str) -> Result<Self, Error> {
-        let endpoint = Endpoint::from_shared(endpoint_uri(address))
+        TandemClient::connect_with(address, ConnectOptions::default()).await
+    }
+
+    /// Connects to the coordinator at `address` (`host:port`, `http://host:port` or
+    /// `https://host:port`) with TLS settings and a token as `options` says. An `https://`
+    /// address needs TLS settings; a failed TLS handshake (a certificate the CA did not sign,
+    /// or no client certificate where the coordinator requires one) is
+    /// [`Error::Unavailable`].
+    pub async fn connect_with(address: &str, options: ConnectOptions) -> Result<Self, Error> {
+        let uri = endpoint_uri(address, options.tls.is_some());
+        let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| Error::InvalidArgument(format!("coordinator address {address:?}: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true);
+        if uri.starts_with("https://") {
+            let tls = options.tls.ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "coordinator address {address:?} is https, but no TLS settings were given"
+                ))
+            })?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Error::InvalidArgument(format!("TLS settings: {e}")))?;
+        }
         let channel = endpoint.connect().await.map_err(|e| {
             Error::Unavailable(format!(
-                "cannot connect to the coordinator at {address}: {e}"
+                "cannot connect to the coordinator at {address}: {}",
+                tandem_common::error_chain(&e)
             ))
         })?;
         Ok(TandemClient {
-            inner: pb::coordinator_client::CoordinatorClient::new(channel),
+            inner: pb::coordinator_client::CoordinatorClient::with_interceptor(
+                channel.clone(),
+                BearerInterceptor::new(options.token.as_ref()),
+            ),
+            channel,
         })
+    }
+
+    /// This client, sending `token` as `authorization: Bearer <token>` with every call.
+    pub fn with_token(self, token: Token) -> Self {
+        TandemClient {
+            inner: pb::coordinator_client::CoordinatorClient::with_interceptor(
+                self.channel.clone(),
+                BearerInterceptor::new(Some(&token)),
+            ),
+            channel: self.channel,
+        }
     }
 
     /// A fresh transaction id, for callers that want to know (or log) it before executing.
@@ -510,7 +622,7 @@ impl TandemClient {
     /// while the error is retryable, at most [`ATTEMPTS_MAX`] times in all.
     async fn call_retrying<T, F, Fut>(&self, what: &'static str, mut call: F) -> Result<T, Error>
     where
-        F: FnMut(pb::coordinator_client::CoordinatorClient<Channel>) -> Fut,
+        F: FnMut(CoordinatorClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut attempt = 0;
@@ -673,6 +785,22 @@ impl TandemClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_cut_by_the_connection_or_refused_for_overload_is_retried_with_the_same_id() {
+        let cancelled = status_error(tonic::Status::cancelled("operation was canceled"));
+        assert!(
+            cancelled.is_retryable() && !cancelled.is_outcome_known(),
+            "{cancelled:?}"
+        );
+        let overloaded = status_error(tonic::Status::resource_exhausted("too many"));
+        assert!(
+            overloaded.is_retryable() && overloaded.is_outcome_known(),
+            "{overloaded:?}"
+        );
+        let refused = status_error(tonic::Status::invalid_argument("bad id"));
+        assert!(!refused.is_retryable(), "{refused:?}");
+    }
 
     #[test]
     fn sagas_convert_to_the_contract_once() {

@@ -6,11 +6,15 @@
 //! applies a COMMITTED or ABORTED answer through the barrier, exactly as a delivered decision
 //! would be applied (so a decision arriving both ways is applied once). PENDING, or no answer,
 //! leaves the branch prepared until the next round: the wait between rounds is the backoff.
+//!
+//! An `https://` coordinator is asked over TLS with [`crate::ParticipantConfig::coordinator_tls`],
+//! and the configured client token, if any, goes with every query.
 
 use std::collections::HashMap;
 use std::time::Duration;
 use tracing::Instrument;
 
+use tandem_common::credentials::BearerInterceptor;
 use tandem_common::unix_now_ms;
 use tandem_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
@@ -75,7 +79,7 @@ impl Participant {
     ) -> bool {
         let channel = match clients.get(&branch.coordinator) {
             Some(channel) => channel.clone(),
-            None => match Endpoint::from_shared(branch.coordinator.clone()) {
+            None => match self.coordinator_endpoint(&branch.coordinator) {
                 Ok(endpoint) => {
                     let channel = endpoint
                         .connect_timeout(Duration::from_secs(2))
@@ -84,12 +88,15 @@ impl Participant {
                     channel
                 }
                 Err(e) => {
-                    tracing::error!(coordinator = %branch.coordinator, error = %e, "branch names an unusable coordinator address");
+                    tracing::error!(coordinator = %branch.coordinator, error = %e, "cannot ask the coordinator the branch names");
                     return false;
                 }
             },
         };
-        let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
+        let mut client = pb::coordinator_client::CoordinatorClient::with_interceptor(
+            channel,
+            BearerInterceptor::new(self.config().coordinator_token.as_ref()),
+        );
         let timeout = Duration::from_millis(self.config().coordinator_query_timeout_ms);
         let mut request = tonic::Request::new(pb::QueryOutcomeRequest {
             txn_id: branch.ctx.txn.to_string(),
@@ -130,6 +137,20 @@ impl Participant {
                 false
             }
         }
+    }
+}
+
+impl Participant {
+    /// The endpoint of the coordinator at `address`, over TLS if it is `https://`.
+    fn coordinator_endpoint(&self, address: &str) -> Result<Endpoint, String> {
+        let endpoint = Endpoint::from_shared(address.to_string()).map_err(|e| e.to_string())?;
+        if !address.starts_with("https://") {
+            return Ok(endpoint);
+        }
+        let tls = self.config().coordinator_tls.clone().ok_or(
+            "the coordinator is https, but this participant has no TLS settings for it (ParticipantConfig::coordinator_tls)",
+        )?;
+        endpoint.tls_config(tls).map_err(|e| e.to_string())
     }
 }
 

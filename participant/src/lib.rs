@@ -41,7 +41,9 @@ pub mod server;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use client::{Branch, Outcome, RetryPolicy, Saga, SagaShape, Step, TandemClient};
+pub use client::{
+    Branch, ConnectOptions, Outcome, RetryPolicy, Saga, SagaShape, Step, TandemClient,
+};
 pub use error::Error;
 pub use participant::{CallbackDelivery, Participant, ParticipantConfig};
 pub use resource::{BranchContext, ResourceError, ServiceTrees, TwoPhaseResource, Vote};
@@ -49,4 +51,5 @@ pub use saga::{CompensableResource, SagaCallbackHandler, StepContext, StepOutcom
 pub use saga_state::{
     SagaChange, SagaChangeKind, SagaOutcome, SagaPhase, SagaState, StepPhase, StepState,
 };
+pub use tandem_common::credentials::{Token, TokenSet};
 pub use tandem_common::{TraceContext, TxnId};

@@ -59,7 +59,7 @@ pub(crate) const RETENTION_VIEW: usize = 3;
 const RESERVED_TREE_PREFIX: &str = "tandem.";
 
 /// Tunables of a participant.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ParticipantConfig {
     /// How often the in-doubt resolver looks for branches left prepared.
     pub in_doubt_check_interval_ms: u64,
@@ -72,6 +72,32 @@ pub struct ParticipantConfig {
     /// removes them (`None`: kept forever). Must exceed the longest saga's lifetime; see
     /// [`crate::prune`]. Default: [`crate::prune::RETENTION_MS_DEFAULT`] (7 days).
     pub retention_ms: Option<u64>,
+    /// TLS settings for outcome queries to an `https://` coordinator (the CA to trust and,
+    /// under mutual TLS, this participant's client identity). `None`: such a coordinator
+    /// cannot be asked, and the branch waits for the coordinator's redelivery.
+    pub coordinator_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The client token sent with outcome queries, for a coordinator that requires tokens.
+    pub coordinator_token: Option<tandem_common::credentials::Token>,
+}
+
+// By hand: tonic's `ClientTlsConfig` would print its identity's private key.
+impl std::fmt::Debug for ParticipantConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParticipantConfig")
+            .field(
+                "in_doubt_check_interval_ms",
+                &self.in_doubt_check_interval_ms,
+            )
+            .field("in_doubt_age_ms_min", &self.in_doubt_age_ms_min)
+            .field(
+                "coordinator_query_timeout_ms",
+                &self.coordinator_query_timeout_ms,
+            )
+            .field("retention_ms", &self.retention_ms)
+            .field("coordinator_tls", &self.coordinator_tls.is_some())
+            .field("coordinator_token", &self.coordinator_token)
+            .finish()
+    }
 }
 
 impl Default for ParticipantConfig {
@@ -81,6 +107,8 @@ impl Default for ParticipantConfig {
             in_doubt_age_ms_min: 5_000,
             coordinator_query_timeout_ms: 2_000,
             retention_ms: Some(crate::prune::RETENTION_MS_DEFAULT),
+            coordinator_tls: None,
+            coordinator_token: None,
         }
     }
 }

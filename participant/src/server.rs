@@ -13,14 +13,34 @@
 //! transaction) is read here, and its trace id is put on the call's span as `trace_id`, beside
 //! the transaction id (`txn`, or `saga` and `step`), so the participant's logs join the
 //! transaction's trace.
+//!
+//! ## Who may call
+//!
+//! Only the coordinator should prepare, commit, abort, act, compensate or report a finished
+//! saga. [`Participant::serve_with_security`] serves over TLS ([`ServeSecurity::tls`]; with a
+//! client CA, mutual TLS: a caller without a certificate that CA signed fails the handshake)
+//! and applies a [`CallerPolicy`] to those six calls before anything is read or written:
+//! - with a coordinator identity, the caller's certificate must name it (a DNS name in its
+//!   subject alternative names): no certificate is UNAUTHENTICATED, another name is
+//!   PERMISSION_DENIED. That the certificate chains to the configured CA is the handshake's
+//!   check, so an identity is only accepted together with a client CA;
+//! - with a coordinator token, the call must carry `authorization: Bearer <token>`: a missing
+//!   or wrong one is UNAUTHENTICATED.
+//!
+//! `Ping` stays open: it touches nothing. A service that hosts the endpoint in its own tonic
+//! server gets the same checks from [`Participant::grpc_service_with`].
 
+use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 
+use tandem_common::credentials::{self, TokenSet};
 use tandem_common::trace_context::TRACEPARENT;
 use tandem_common::{BranchIdx, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -44,6 +64,146 @@ pub const HANDLER_NAME_LEN_MAX: usize = 128;
 /// The gRPC service wrapping a [`Participant`].
 pub struct ParticipantService {
     participant: Participant,
+    callers: Arc<CallerPolicy>,
+}
+
+/// Who may make the calls that change a participant's state (see the module docs). The
+/// default checks nothing.
+#[derive(Clone, Default)]
+pub struct CallerPolicy {
+    coordinator_name: Option<String>,
+    coordinator_tokens: Option<TokenSet>,
+}
+
+impl fmt::Debug for CallerPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallerPolicy")
+            .field("coordinator_name", &self.coordinator_name)
+            .field("coordinator_tokens", &self.coordinator_tokens)
+            .finish()
+    }
+}
+
+impl CallerPolicy {
+    /// Requires the caller's TLS certificate to name `name` (a DNS name). Needs mutual TLS
+    /// (a client CA in [`ServeSecurity::tls`]); the name must be a valid DNS name.
+    pub fn coordinator_name(mut self, name: &str) -> Result<Self, Error> {
+        rustls_pki_types::DnsName::try_from(name).map_err(|_| {
+            Error::InvalidArgument(format!("coordinator identity {name:?} is not a DNS name"))
+        })?;
+        self.coordinator_name = Some(name.to_ascii_lowercase());
+        Ok(self)
+    }
+
+    /// Requires the caller to present one of `tokens` as a bearer token.
+    pub fn coordinator_tokens(mut self, tokens: TokenSet) -> Self {
+        self.coordinator_tokens = Some(tokens);
+        self
+    }
+
+    /// Whether a coordinator identity is required (and so mutual TLS must be on).
+    pub fn requires_identity(&self) -> bool {
+        self.coordinator_name.is_some()
+    }
+
+    /// Refuses `request` unless its caller is the coordinator as this policy knows it.
+    pub fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if let Some(name) = &self.coordinator_name {
+            let certs = request.peer_certs().ok_or_else(|| {
+                Status::unauthenticated("this participant accepts this call only from the coordinator, which must present its TLS client certificate")
+            })?;
+            let leaf = certs.first().ok_or_else(|| {
+                Status::unauthenticated("the caller presented no TLS client certificate")
+            })?;
+            if !certificate_names(leaf, name) {
+                tracing::warn!(identity = %name, "refused a caller whose certificate does not name the coordinator");
+                return Err(Status::permission_denied(format!(
+                    "the caller's certificate does not name the coordinator identity {name:?}"
+                )));
+            }
+        }
+        if let Some(tokens) = &self.coordinator_tokens {
+            let presented = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(credentials::bearer_token);
+            let Some(presented) = presented else {
+                return Err(Status::unauthenticated(
+                    "this call needs the coordinator's `authorization: Bearer <token>` header",
+                ));
+            };
+            if tokens.check(presented).is_none() {
+                tracing::warn!("refused a caller with a wrong coordinator token");
+                return Err(Status::unauthenticated(
+                    "the bearer token is not the coordinator's",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the certificate `der` is valid for the DNS name `name` (its subject alternative
+/// names; the handshake already checked its signature chain).
+fn certificate_names(der: &rustls_pki_types::CertificateDer<'_>, name: &str) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
+        return false;
+    };
+    let Ok(server_name) = rustls_pki_types::ServerName::try_from(name) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&server_name).is_ok()
+}
+
+/// How [`Participant::serve_with_security`] serves: TLS (optionally mutual) and who may call.
+#[derive(Debug, Clone, Default)]
+pub struct ServeSecurity {
+    /// `None`: plaintext.
+    pub tls: Option<ServerTlsConfig>,
+    /// Whether `tls` has a client CA (mutual TLS); a coordinator identity needs it.
+    pub mutual_tls: bool,
+    pub callers: CallerPolicy,
+}
+
+/// Longest a caller may take over its TLS handshake, in ms; a slower one is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+impl ServeSecurity {
+    /// TLS read from PEM files: the server's certificate chain and key and, for mutual TLS,
+    /// the CA that must have signed every caller's certificate. Errors name the file.
+    pub fn tls_from_files(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> Result<ServeSecurity, Error> {
+        use tandem_common::credentials::{read_pem_certs, read_pem_key};
+        use tonic::transport::{Certificate, Identity};
+        let invalid = |e: credentials::CredentialError| Error::InvalidArgument(e.to_string());
+        let cert = read_pem_certs(cert).map_err(invalid)?;
+        let key = read_pem_key(key).map_err(invalid)?;
+        let mut tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .timeout(std::time::Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS));
+        if let Some(ca) = client_ca {
+            let ca = read_pem_certs(ca).map_err(invalid)?;
+            tls = tls.client_ca_root(Certificate::from_pem(ca));
+        }
+        // Built once here so that a key that is not the certificate's is reported now.
+        tonic::transport::Server::builder()
+            .tls_config(tls.clone())
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "TLS certificate and key not usable: {}",
+                    tandem_common::error_chain(&e)
+                ))
+            })?;
+        Ok(ServeSecurity {
+            tls: Some(tls),
+            mutual_tls: client_ca.is_some(),
+            callers: CallerPolicy::default(),
+        })
+    }
 }
 
 /// The trace context of a call (its `traceparent` metadata), if it has a valid one.
@@ -140,6 +300,7 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
+        self.callers.check(&request)?;
         let trace = incoming_trace(&request);
         let request = request.into_inner();
         let txn = parse_txn(&request.txn_id)?;
@@ -174,6 +335,7 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::DecisionRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
+        self.callers.check(&request)?;
         let trace = incoming_trace(&request);
         self.decide(request.into_inner(), true, trace).await
     }
@@ -182,6 +344,7 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::DecisionRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
+        self.callers.check(&request)?;
         let trace = incoming_trace(&request);
         self.decide(request.into_inner(), false, trace).await
     }
@@ -197,6 +360,7 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::StepRequest>,
     ) -> Result<Response<pb::ActResponse>, Status> {
+        self.callers.check(&request)?;
         let trace = incoming_trace(&request);
         let (ctx, payload) = step_request(request.into_inner())?;
         let span = tracing::debug_span!("act_call", saga = %ctx.saga, step = ctx.step, trace_id = tracing::field::Empty);
@@ -222,6 +386,7 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::StepRequest>,
     ) -> Result<Response<pb::CompensateResponse>, Status> {
+        self.callers.check(&request)?;
         let trace = incoming_trace(&request);
         let (ctx, payload) = step_request(request.into_inner())?;
         let span = tracing::debug_span!("compensate_call", saga = %ctx.saga, step = ctx.step, trace_id = tracing::field::Empty);
@@ -238,6 +403,7 @@ impl pb::participant_server::Participant for ParticipantService {
         &self,
         request: Request<pb::SagaFinishedRequest>,
     ) -> Result<Response<pb::SagaFinishedResponse>, Status> {
+        self.callers.check(&request)?;
         let trace = incoming_trace(&request);
         let (handler, outcome) = finished_request(request.into_inner())?;
         let span = tracing::debug_span!("saga_finished_call", saga = %outcome.id, trace_id = tracing::field::Empty);
@@ -270,26 +436,61 @@ impl ParticipantService {
 }
 
 impl Participant {
-    /// The endpoint as a tonic service, to add to a server the service already runs.
+    /// The endpoint as a tonic service, to add to a server the service already runs. It
+    /// checks no caller; see [`Participant::grpc_service_with`].
     pub fn grpc_service(&self) -> pb::participant_server::ParticipantServer<ParticipantService> {
+        self.grpc_service_with(CallerPolicy::default())
+    }
+
+    /// The endpoint as a tonic service that accepts state-changing calls only from callers
+    /// `callers` admits (a coordinator identity needs the server to run mutual TLS).
+    pub fn grpc_service_with(
+        &self,
+        callers: CallerPolicy,
+    ) -> pb::participant_server::ParticipantServer<ParticipantService> {
         pb::participant_server::ParticipantServer::new(ParticipantService {
             participant: self.clone(),
+            callers: Arc::new(callers),
         })
     }
 
-    /// Hosts the endpoint on `listener` and runs the in-doubt resolver and the pruner until
-    /// `shutdown`.
+    /// Hosts the endpoint on `listener` (plaintext, every caller accepted) and runs the
+    /// in-doubt resolver and the pruner until `shutdown`.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
+        self.serve_with_security(listener, ServeSecurity::default(), shutdown)
+            .await
+    }
+
+    /// [`Participant::serve`] with TLS and a caller policy. Refuses a coordinator identity
+    /// without mutual TLS (it could never be checked).
+    pub async fn serve_with_security(
+        &self,
+        listener: TcpListener,
+        security: ServeSecurity,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        if security.callers.requires_identity() && !(security.tls.is_some() && security.mutual_tls)
+        {
+            return Err(Error::InvalidArgument(
+                "a coordinator identity is checked on the caller's TLS certificate: it needs mutual TLS (a server certificate and a client CA)".into(),
+            ));
+        }
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = security.tls {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| Error::InvalidArgument(format!("TLS settings: {e}")))?;
+        }
         let resolver = self.spawn_in_doubt_resolver();
         let pruner = self.spawn_pruner();
         // Accepted sockets get TCP_NODELAY here: `Server::tcp_nodelay` only reaches sockets
         // tonic binds itself, and without it Nagle meets delayed ACKs (40 ms per call).
-        let server = tonic::transport::Server::builder()
-            .add_service(self.grpc_service())
+        let server = builder
+            .add_service(self.grpc_service_with(security.callers))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown,
@@ -343,7 +544,10 @@ mod tests {
         bank::close_accounts(&participant, &["bob".into()])
             .await
             .unwrap();
-        ParticipantService { participant }
+        ParticipantService {
+            participant,
+            callers: Arc::default(),
+        }
     }
 
     fn finished(saga_id: &str, phase: pb::SagaPhase, terminal: bool) -> pb::SagaState {

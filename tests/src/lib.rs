@@ -73,6 +73,25 @@ pub fn binaries() -> &'static Binaries {
             .arg("--target-dir")
             .arg(&target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Cargo gives this test process the package's variables (CARGO_PKG_NAME, ...). Build
+        // scripts that declare `rerun-if-env-changed` on them (ring's does) would see them
+        // changed and rebuild ring, rustls and tonic on every test run, so the nested build
+        // gets the environment an ordinary `cargo build` has.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    name.as_ref(),
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                )
+            {
+                build.env_remove(name.as_ref());
+            }
+        }
         if release {
             build.arg("--release");
         }
@@ -144,7 +163,7 @@ impl Node {
     }
 
     /// A bank as [`Node::bank`] makes it, with extra `tandem-bank serve` arguments (for
-    /// example `["--retention", "1s"]`), kept across restarts.
+    /// example `["--retention", "1s"]` or TLS files), kept across restarts.
     pub async fn bank_with_args(
         name: &str,
         dir: &Path,

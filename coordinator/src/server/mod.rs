@@ -68,12 +68,13 @@ pub fn normalize_participant(address: &str) -> Result<String, CoordinatorError> 
         format!("http://{address}")
     };
     let bad = |why: &str| {
-        invalid(format!("participant address {address:?} is not usable: {why} (expected host:port or http://host:port)"))
+        invalid(format!("participant address {address:?} is not usable: {why} (expected host:port, http://host:port or https://host:port)"))
     };
     let uri: Uri = with_scheme.parse().map_err(|_| bad("not a valid URI"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(bad("only the http scheme is supported"));
-    }
+    let scheme = match uri.scheme_str() {
+        Some(scheme @ ("http" | "https")) => scheme,
+        Some(_) | None => return Err(bad("only the http and https schemes are supported")),
+    };
     let authority = uri.authority().ok_or_else(|| bad("no host"))?;
     if authority.host().is_empty() {
         return Err(bad("no host"));
@@ -85,33 +86,46 @@ pub fn normalize_participant(address: &str) -> Result<String, CoordinatorError> 
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(bad("a path or query is not allowed"));
     }
-    Ok(format!("http://{}:{port}", authority.host()))
+    Ok(format!("{scheme}://{}:{port}", authority.host()))
 }
 
 /// Refuses `participant`, an address [`normalize_participant`] made, unless the allow-list
-/// admits its host. `place` names the address within the request ("branch #0", "callback").
+/// admits its host (PERMISSION_DENIED) and its scheme is the one this coordinator calls
+/// participants with: `https` with `participant_tls`, `http` without (INVALID_ARGUMENT). `place` names the address within the request ("branch #0", "callback").
 /// The host is taken as written: a name is never resolved here (see [`crate::config`]).
 pub fn check_participant_allowed(
     participant: &str,
     config: &CoordinatorConfig,
     place: impl FnOnce() -> String,
 ) -> Result<(), CoordinatorError> {
-    let authority = participant
-        .strip_prefix("http://")
+    let (scheme, authority) = participant
+        .split_once("://")
         .unwrap_or_else(|| panic!("{participant:?} was not normalised"));
     let (host, _port) = authority
         .rsplit_once(':')
         .unwrap_or_else(|| panic!("{participant:?} was normalised without a port"));
     let host = ParticipantHost::parse(host);
-    if host_allowed(&config.participant_hosts_allowed, &host) {
-        return Ok(());
+    if !host_allowed(&config.participant_hosts_allowed, &host) {
+        let place = place();
+        tracing::warn!(%place, %participant, "refused a participant address the allow-list does not admit");
+        return Err(CoordinatorError::ParticipantNotAllowed {
+            place,
+            host: host.to_string(),
+        });
     }
-    let place = place();
-    tracing::warn!(%place, %participant, "refused a participant address the allow-list does not admit");
-    Err(CoordinatorError::ParticipantNotAllowed {
-        place,
-        host: host.to_string(),
-    })
+    // The scheme must match how this coordinator calls participants: a client cannot turn
+    // TLS off by writing http://, nor ask for TLS the coordinator has no settings for.
+    match (scheme == "https", config.participant_tls) {
+        (true, true) | (false, false) => Ok(()),
+        (false, true) => Err(invalid(format!(
+            "{}: participant address {participant} is plaintext http, but this coordinator calls participants over TLS only (tandem serve --participant-ca): write https://host:port",
+            place()
+        ))),
+        (true, false) => Err(invalid(format!(
+            "{}: participant address {participant} asks for TLS, but this coordinator has no TLS settings for participants (tandem serve --participant-ca)",
+            place()
+        ))),
+    }
 }
 
 pub(crate) fn validate_resource(resource: &str) -> Result<(), CoordinatorError> {
@@ -526,10 +540,14 @@ mod tests {
             normalize_participant("[::1]:80").unwrap(),
             "http://[::1]:80"
         );
+        assert_eq!(
+            normalize_participant("https://Bank.Internal:7401/").unwrap(),
+            "https://Bank.Internal:7401"
+        );
         for bad in [
             "",
             "localhost",
-            "https://a:1",
+            "ftp://a:1",
             "a:0",
             "a:1/path",
             "a b:1",
@@ -564,6 +582,48 @@ mod tests {
         let mut future_id = request(vec![branch(HERE, vec![])]);
         future_id.txn_id = format!("{}-future", NOW + 3600 * 1000);
         assert!(rejected(future_id).contains("future"));
+    }
+
+    #[test]
+    fn a_participant_address_scheme_must_match_how_participants_are_called() {
+        let plaintext = config();
+        validate_execute(
+            request(vec![branch("http://127.0.0.1:1", vec![])]),
+            &plaintext,
+            NOW,
+        )
+        .unwrap();
+        let message = rejected(request(vec![branch("https://127.0.0.1:1", vec![])]));
+        assert!(
+            message.starts_with("branch #0: participant address https://127.0.0.1:1 asks for TLS")
+                && message.contains("--participant-ca"),
+            "{message}"
+        );
+        let mut tls = config();
+        tls.participant_tls = true;
+        validate_execute(
+            request(vec![branch("https://127.0.0.1:1", vec![])]),
+            &tls,
+            NOW,
+        )
+        .unwrap();
+        for plain in ["127.0.0.1:1", "http://127.0.0.1:1"] {
+            match validate_execute(request(vec![branch(plain, vec![])]), &tls, NOW) {
+                Err(CoordinatorError::InvalidArgument(m)) => {
+                    assert!(
+                        m.contains("plaintext http") && m.contains("https://"),
+                        "{m}"
+                    )
+                }
+                other => panic!("{plain}: expected INVALID_ARGUMENT, got {other:?}"),
+            }
+        }
+        // The allow-list is checked first, whatever the scheme.
+        denied(validate_execute(
+            request(vec![branch("https://10.1.2.3:1", vec![])]),
+            &tls,
+            NOW,
+        ));
     }
 
     fn denied(result: Result<impl std::fmt::Debug, CoordinatorError>) -> String {

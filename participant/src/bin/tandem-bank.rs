@@ -16,6 +16,14 @@
 //! - `balances`: print a stopped bank's committed balances as one JSON object;
 //! - `callbacks`: print the saga outcomes a stopped bank's callback handler received, as one
 //!   JSON object keyed by saga id.
+//!
+//! Security (docs/operations.md): `serve --tls-cert --tls-key` serves over TLS, with
+//! `--tls-client-ca` mutual TLS, with `--coordinator-name` only the coordinator's certificate
+//! may prepare, commit, abort, act, compensate or report a finished saga, and with
+//! `--coordinator-token-file` only a caller carrying the coordinator's token. Every command
+//! that calls the coordinator takes `--coordinator-ca` (and `--client-cert --client-key` under
+//! mutual TLS) and `--client-token-file`. As for `tandem serve`, `serve` without TLS listens
+//! only on loopback unless `--plaintext` is given.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,8 +32,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use tandem_common::logging::{self, LogFormat};
+use tandem_participant::server::{CallerPolicy, ServeSecurity};
 use tandem_participant::{
-    bank, Outcome, SagaChange, SagaChangeKind, SagaOutcome, SagaState, TandemClient, TxnId,
+    bank, ConnectOptions, Outcome, ParticipantConfig, SagaChange, SagaChangeKind, SagaOutcome,
+    SagaState, TandemClient, Token, TokenSet, TxnId,
 };
 use tokio_stream::StreamExt;
 
@@ -42,6 +52,100 @@ struct Cli {
     log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How this process reaches the coordinator when it calls it.
+#[derive(clap::Args, Debug, Clone)]
+struct CoordinatorAccess {
+    /// The CA that signed the coordinator's certificate (PEM): the coordinator is then called
+    /// over TLS (an address without a scheme is https://).
+    #[arg(long, value_name = "PEM")]
+    coordinator_ca: Option<PathBuf>,
+    /// This process's certificate (PEM), for a coordinator that requires mutual TLS.
+    #[arg(long, value_name = "PEM", requires_all = ["client_key", "coordinator_ca"])]
+    client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// A file holding the client token the coordinator requires (default: $TANDEM_CLIENT_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    client_token_file: Option<PathBuf>,
+}
+
+/// The environment variable `--client-token-file` falls back on.
+const CLIENT_TOKEN_ENV: &str = "TANDEM_CLIENT_TOKEN";
+/// The environment variable `--coordinator-token-file` falls back on.
+const COORDINATOR_TOKEN_ENV: &str = "TANDEM_COORDINATOR_TOKEN";
+
+impl CoordinatorAccess {
+    fn options(&self) -> anyhow::Result<ConnectOptions> {
+        let tls = match &self.coordinator_ca {
+            Some(ca) => Some(ConnectOptions::tls_from_files(
+                ca,
+                self.client_cert.as_deref().zip(self.client_key.as_deref()),
+            )?),
+            None => None,
+        };
+        let token = Token::from_file_or_env(self.client_token_file.as_deref(), CLIENT_TOKEN_ENV)
+            .context("--client-token-file")?;
+        Ok(ConnectOptions { tls, token })
+    }
+
+    async fn connect(&self, coordinator: &str) -> anyhow::Result<TandemClient> {
+        Ok(TandemClient::connect_with(coordinator, self.options()?).await?)
+    }
+}
+
+/// How `serve` secures its endpoint.
+#[derive(clap::Args, Debug, Clone)]
+struct ServeTls {
+    /// The bank's TLS certificate chain (PEM); with --tls-key, callers must use https://.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only callers whose certificate this CA signed (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Accept prepare/commit/abort/act/compensate/saga-finished calls only from a caller whose
+    /// certificate names this DNS name (the coordinator's identity; needs --tls-client-ca).
+    #[arg(long, value_name = "NAME", requires = "tls_client_ca")]
+    coordinator_name: Option<String>,
+    /// A file holding the token the coordinator must present with those calls (default:
+    /// $TANDEM_COORDINATOR_TOKEN); the coordinator sends it with --participant-token-file.
+    #[arg(long, value_name = "FILE")]
+    coordinator_token_file: Option<PathBuf>,
+    /// Serve without TLS on an address that is not loopback.
+    #[arg(long, conflicts_with = "tls_cert")]
+    plaintext: bool,
+}
+
+impl ServeTls {
+    fn security(&self) -> anyhow::Result<ServeSecurity> {
+        let mut security = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                ServeSecurity::tls_from_files(cert, key, self.tls_client_ca.as_deref())?
+            }
+            _ => ServeSecurity::default(),
+        };
+        let mut callers = CallerPolicy::default();
+        if let Some(name) = &self.coordinator_name {
+            callers = callers
+                .coordinator_name(name)
+                .map_err(|e| anyhow!("--coordinator-name: {e}"))?;
+        }
+        let token = Token::from_file_or_env(
+            self.coordinator_token_file.as_deref(),
+            COORDINATOR_TOKEN_ENV,
+        )
+        .context("--coordinator-token-file")?;
+        if let Some(token) = token {
+            callers = callers.coordinator_tokens(TokenSet::single("coordinator", &token));
+        }
+        security.callers = callers;
+        Ok(security)
+    }
 }
 
 #[derive(Subcommand)]
@@ -66,6 +170,11 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = tandem_common::duration::parse_retention)]
         // Spelled out so that clap takes the parser's `Option` as the value (None: forever).
         retention: std::option::Option<Duration>,
+        #[command(flatten)]
+        tls: ServeTls,
+        /// How the in-doubt resolver reaches the coordinator.
+        #[command(flatten)]
+        access: CoordinatorAccess,
     },
     /// Transfer money as one two-phase-commit transaction, or with --saga as a saga.
     Transfer {
@@ -99,6 +208,8 @@ enum Command {
         /// With --saga: the bank (BANK_ADDR) whose callback handler hears the outcome.
         #[arg(long, requires = "saga")]
         callback: Option<String>,
+        #[command(flatten)]
+        access: CoordinatorAccess,
     },
     /// Follow a saga's changes until it finishes: one line per change, then the outcome.
     Watch {
@@ -108,6 +219,8 @@ enum Command {
         /// The saga's id (as `transfer --saga` printed it).
         #[arg(value_parser = parse_saga_id)]
         saga_id: TxnId,
+        #[command(flatten)]
+        access: CoordinatorAccess,
     },
     /// Print a stopped bank's committed balances as JSON.
     Balances {
@@ -287,11 +400,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             accounts,
             closed,
             retention,
+            tls,
+            access,
         } => {
             let accounts =
                 bank::parse_accounts(&accounts).map_err(|e| anyhow!("--accounts: {e}"))?;
             let closed = parse_names(&closed).map_err(|e| anyhow!("--closed: {e}"))?;
+            let security = tls.security()?;
+            let plaintext_ok = |ip: std::net::IpAddr| {
+                if security.tls.is_none() && !ip.is_loopback() && !tls.plaintext {
+                    bail!(
+                        "--listen {listen}: {ip} is not a loopback address, and serving there without TLS would let anyone on the network prepare and commit; give --tls-cert and --tls-key, or --plaintext to serve plaintext anyway"
+                    );
+                }
+                Ok(())
+            };
+            // An address literal is checked before anything is bound; a name once resolved.
+            if let Ok(addr) = listen.parse::<std::net::SocketAddr>() {
+                plaintext_ok(addr.ip())?;
+            }
+            let outbound = access.options()?;
+            let config = ParticipantConfig {
+                coordinator_tls: outbound.tls,
+                coordinator_token: outbound.token,
+                ..ParticipantConfig::default()
+            };
             let participant = bank::builder(&data_dir)
+                .config(config)
                 .retention(retention)
                 .open()
                 .with_context(|| format!("opening {}", data_dir.display()))?;
@@ -300,10 +435,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("--listen {listen}: cannot bind"))?;
+            let bound = listener.local_addr()?;
+            plaintext_ok(bound.ip())?;
             // Tests and scripts read this line to learn the port.
-            println!("tandem-bank listening on {}", listener.local_addr()?);
-            tracing::info!(data_dir = %data_dir.display(), ?created, ?closed, "bank serving");
-            participant.serve(listener, shutdown_signal()).await?;
+            println!("tandem-bank listening on {bound}");
+            tracing::info!(data_dir = %data_dir.display(), ?created, ?closed, tls = security.tls.is_some(), "bank serving");
+            participant
+                .serve_with_security(listener, security, shutdown_signal())
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Transfer {
@@ -317,6 +456,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             wait,
             wait_timeout_ms,
             callback,
+            access,
         } => {
             let from = split_account(&from, "from")?;
             let to = split_account(&to, "to")?;
@@ -327,7 +467,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(id) => TxnId::parse(&id).map_err(|e| anyhow!("--txn-id: {e}"))?,
                 None => TandemClient::new_txn_id(),
             };
-            let mut client = TandemClient::connect(&coordinator).await?;
+            let mut client = access.connect(&coordinator).await?;
             if saga {
                 let wait = wait.then(|| Duration::from_millis(wait_timeout_ms));
                 return saga_transfer(client, txn, from, to, amount, callback, wait).await;
@@ -351,8 +491,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch {
             coordinator,
             saga_id,
+            access,
         } => {
-            let client = TandemClient::connect(&coordinator).await?;
+            let client = access.connect(&coordinator).await?;
             watch(client, saga_id).await
         }
         Command::Balances { data_dir } => {
@@ -435,6 +576,7 @@ mod tests {
                     Command::Watch {
                         coordinator,
                         saga_id,
+                        ..
                     } => (coordinator, saga_id.to_string()),
                     _ => panic!("parsed as another command"),
                 }

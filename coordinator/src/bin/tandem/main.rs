@@ -6,9 +6,11 @@
 //!   transfers, a summary;
 //! - `tandem bench 2pc`: coordinator and banks as separate processes, a closed-loop load,
 //!   throughput and latency beside the bare gRPC ping rate of the same run;
-//! - `tandem txn list|show|retry|abort`: the operator's view and levers (`txn.rs`).
+//! - `tandem txn list|show|retry|abort`: the operator's view and levers (`txn.rs`);
+//! - `tandem certs`: a private CA and the certificates for TLS and mutual TLS (rcgen).
 
 mod bench;
+mod certs;
 mod demo;
 mod serve;
 mod txn;
@@ -45,6 +47,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Operate on transactions and sagas: list, show, retry, abort (the Admin service).
     Txn(txn::TxnArgs),
+    /// Make a private CA and the certificates for TLS and mutual TLS.
+    Certs(certs::CertsArgs),
 }
 
 // glibc's malloc showed up as a fifth of the coordinator's CPU under load (many small,
@@ -112,6 +116,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(command) => {
             let _export = init_logging(cli.log_format, None)?;
             bench::run(command).await?;
+        }
+        Command::Certs(args) => {
+            let _export = init_logging(cli.log_format, None)?;
+            certs::run(args)?;
         }
         Command::Txn(args) => {
             let _export = init_logging(cli.log_format, None)?;

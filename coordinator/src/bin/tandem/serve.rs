@@ -20,8 +20,11 @@ use anyhow::{bail, Context};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+use tandem_common::credentials::{Token, TokenSet};
 use tandem_common::duration::{millis, parse_duration, parse_retention};
 use tandem_coordinator::config::{format_host_patterns, parse_host_patterns, RETRY_DELAY_MS_MAX};
+use tandem_coordinator::security::{self, AccessPolicy};
+use tandem_coordinator::transport::ParticipantSecurity;
 use tandem_coordinator::{daemon, metrics, CoordinatorConfig};
 
 /// The daemon's configuration: one field per key, with the defaults of [`Default`].
@@ -79,6 +82,36 @@ pub struct ServeConfig {
     /// default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otel_endpoint: Option<String>,
+    /// The server's TLS certificate chain (PEM); with `tls_key`, clients and participants
+    /// must connect over TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients and participants whose certificate this CA signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve without TLS on an address that is not loopback (otherwise refused).
+    pub plaintext: bool,
+    /// Client tokens, one per line, optionally `name:token` (else $TANDEM_CLIENT_TOKENS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tokens_file: Option<PathBuf>,
+    /// The admin credential(s), same format (else $TANDEM_ADMIN_TOKEN).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The CA that signed participants' certificates: participants are then called over TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participant_ca: Option<PathBuf>,
+    /// The certificate presented to participants that require mutual TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participant_client_cert: Option<PathBuf>,
+    /// The private key of `participant_client_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participant_client_key: Option<PathBuf>,
+    /// The token sent to participants with every call (else $TANDEM_PARTICIPANT_TOKEN).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participant_token_file: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -106,6 +139,16 @@ impl Default for ServeConfig {
             txn_id_age_max: "7d".into(),
             metrics_listen: None,
             otel_endpoint: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            plaintext: false,
+            client_tokens_file: None,
+            admin_token_file: None,
+            participant_ca: None,
+            participant_client_cert: None,
+            participant_client_key: None,
+            participant_token_file: None,
         }
     }
 }
@@ -230,6 +273,55 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otel_endpoint: Option<String>,
+    /// The server's TLS certificate chain (PEM); with --tls-key, clients and participants
+    /// must connect over TLS (https://).
+    #[arg(long, value_name = "PEM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients and participants whose certificate this CA signed
+    /// (PEM). Others fail the TLS handshake.
+    #[arg(long, value_name = "PEM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve without TLS on an address that is not loopback. Without TLS, only a loopback
+    /// --listen is accepted (local development); this says plaintext is meant.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub plaintext: bool,
+    /// Client tokens, one per line, optionally `name:token` (default: $TANDEM_CLIENT_TOKENS,
+    /// entries separated by newlines or commas). Every call to tandem.v1.Coordinator must then
+    /// carry `authorization: Bearer <token>`, or is refused with UNAUTHENTICATED.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tokens_file: Option<PathBuf>,
+    /// The admin credential(s), in the same format (default: $TANDEM_ADMIN_TOKEN). Calls to
+    /// tandem.v1.Admin need it; a client token there is refused with PERMISSION_DENIED.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The CA that signed participants' certificates (PEM): participants are then called over
+    /// TLS, and their addresses must be https://.
+    #[arg(long, value_name = "PEM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participant_ca: Option<PathBuf>,
+    /// The certificate (PEM) presented to participants that require mutual TLS; it should
+    /// name the identity they check (`tandem certs` makes coordinator.pem for this).
+    #[arg(long, value_name = "PEM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participant_client_cert: Option<PathBuf>,
+    /// The private key of --participant-client-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participant_client_key: Option<PathBuf>,
+    /// A file holding the token sent to participants with every call (default:
+    /// $TANDEM_PARTICIPANT_TOKEN), for participants started with a coordinator token.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participant_token_file: Option<PathBuf>,
 }
 
 /// The names of every configuration key, from the defaults' own serialisation (so the list
@@ -364,6 +456,59 @@ fn validate(c: &ServeConfig) -> anyhow::Result<()> {
             "this build has no OpenTelemetry export (build tandem with --features otel)",
         )?;
     }
+    // Settings that only make sense together.
+    let requires = [
+        (
+            "tls_cert",
+            c.tls_cert.is_some(),
+            "tls_key",
+            c.tls_key.is_some(),
+        ),
+        (
+            "tls_key",
+            c.tls_key.is_some(),
+            "tls_cert",
+            c.tls_cert.is_some(),
+        ),
+        (
+            "tls_client_ca",
+            c.tls_client_ca.is_some(),
+            "tls_cert",
+            c.tls_cert.is_some(),
+        ),
+        (
+            "participant_client_cert",
+            c.participant_client_cert.is_some(),
+            "participant_client_key",
+            c.participant_client_key.is_some(),
+        ),
+        (
+            "participant_client_key",
+            c.participant_client_key.is_some(),
+            "participant_client_cert",
+            c.participant_client_cert.is_some(),
+        ),
+        (
+            "participant_client_cert",
+            c.participant_client_cert.is_some(),
+            "participant_ca",
+            c.participant_ca.is_some(),
+        ),
+    ];
+    for (key, set, needed, needed_set) in requires {
+        if set && !needed_set {
+            refuse(
+                key,
+                format_args!("requires `{needed}` (--{})", needed.replace('_', "-")),
+            )?;
+        }
+    }
+    if c.plaintext && c.tls_cert.is_some() {
+        refuse(
+            "plaintext",
+            "contradicts `tls_cert` (--tls-cert): give one or the other",
+        )?;
+    }
     let (retention, id_age_max) = retention_and_id_age(c)?;
     let mut engine = CoordinatorConfig::new(String::new());
     engine.terminal_retention_ms = retention;
@@ -404,6 +549,71 @@ pub async fn shutdown_signal() {
     }
 }
 
+const CLIENT_TOKENS_ENV: &str = "TANDEM_CLIENT_TOKENS";
+const ADMIN_TOKEN_ENV: &str = "TANDEM_ADMIN_TOKEN";
+const PARTICIPANT_TOKEN_ENV: &str = "TANDEM_PARTICIPANT_TOKEN";
+
+/// TLS, tokens and how participants are called, read from the files `settings` names (each
+/// error names its file); checked before anything is bound or opened.
+fn daemon_security(settings: &ServeConfig) -> anyhow::Result<daemon::DaemonSecurity> {
+    let server_tls = match (&settings.tls_cert, &settings.tls_key) {
+        (Some(cert), Some(key)) => Some(security::server_tls(
+            cert,
+            key,
+            settings.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    let access = AccessPolicy {
+        client_tokens: TokenSet::from_file_or_env(
+            settings.client_tokens_file.as_deref(),
+            CLIENT_TOKENS_ENV,
+        )
+        .context("client_tokens_file")?,
+        admin_tokens: TokenSet::from_file_or_env(
+            settings.admin_token_file.as_deref(),
+            ADMIN_TOKEN_ENV,
+        )
+        .context("admin_token_file")?,
+    };
+    let tls = match &settings.participant_ca {
+        Some(ca) => Some(security::client_tls(
+            ca,
+            settings
+                .participant_client_cert
+                .as_deref()
+                .zip(settings.participant_client_key.as_deref()),
+        )?),
+        None => None,
+    };
+    let token = Token::from_file_or_env(
+        settings.participant_token_file.as_deref(),
+        PARTICIPANT_TOKEN_ENV,
+    )
+    .context("participant_token_file")?;
+    Ok(daemon::DaemonSecurity {
+        server_tls,
+        access,
+        participants: ParticipantSecurity { tls, token },
+    })
+}
+
+/// Plaintext is for local development: a non-loopback address without TLS is refused unless
+/// `plaintext` says it is meant.
+fn check_plaintext(settings: &ServeConfig, ip: std::net::IpAddr, tls: bool) -> anyhow::Result<()> {
+    if tls || ip.is_loopback() {
+        return Ok(());
+    }
+    if !settings.plaintext {
+        bail!(
+            "--listen {}: {ip} is not a loopback address, and serving there without TLS would send transactions and tokens over the network in the clear; give --tls-cert and --tls-key (keys `tls_cert`, `tls_key`), or --plaintext (key `plaintext`) to serve plaintext anyway",
+            settings.listen
+        );
+    }
+    tracing::warn!(listen = %settings.listen, "serving plaintext on a non-loopback address (plaintext)");
+    Ok(())
+}
+
 /// Runs the daemon with `settings` (from [`load`]) until SIGTERM/SIGINT.
 pub async fn serve(args: ServeArgs, settings: ServeConfig) -> anyhow::Result<()> {
     if args.print_config {
@@ -412,10 +622,17 @@ pub async fn serve(args: ServeArgs, settings: ServeConfig) -> anyhow::Result<()>
     }
     let participant_hosts_allowed =
         parse_host_patterns(&settings.allow_participants).context("allow_participants")?;
+    let security = daemon_security(&settings)?;
+    let tls = security.server_tls.is_some();
+    // An address literal is checked before anything is bound; a name once it resolved.
+    if let Ok(addr) = settings.listen.parse::<std::net::SocketAddr>() {
+        check_plaintext(&settings, addr.ip(), tls)?;
+    }
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
         .with_context(|| format!("listen {}: cannot bind", settings.listen))?;
     let bound = listener.local_addr()?;
+    check_plaintext(&settings, bound.ip(), tls)?;
     let advertise = match &settings.advertise {
         Some(a) => a.clone(),
         None if bound.ip().is_unspecified() => {
@@ -426,7 +643,8 @@ pub async fn serve(args: ServeArgs, settings: ServeConfig) -> anyhow::Result<()>
         }
         None => bound.to_string(),
     };
-    let mut config = CoordinatorConfig::new(format!("http://{advertise}"));
+    let scheme = if tls { "https" } else { "http" };
+    let mut config = CoordinatorConfig::new(format!("{scheme}://{advertise}"));
     if advertise.contains("://") {
         config.advertise = advertise;
     }
@@ -449,6 +667,7 @@ pub async fn serve(args: ServeArgs, settings: ServeConfig) -> anyhow::Result<()>
         "participant hosts allowed"
     );
     config.participant_hosts_allowed = participant_hosts_allowed;
+    config.participant_tls = security.participants.tls.is_some();
     // Closed (dropped) once the daemon has stopped, which stops the metrics endpoint too.
     let (_metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(metrics_listen) = &settings.metrics_listen {
@@ -472,9 +691,15 @@ pub async fn serve(args: ServeArgs, settings: ServeConfig) -> anyhow::Result<()>
     }
     // Tests and scripts read this line to learn the port.
     println!("tandem coordinator listening on {bound}");
-    daemon::run(listener, &settings.data_dir, config, shutdown_signal())
-        .await
-        .with_context(|| format!("coordinator with data in {}", settings.data_dir.display()))?;
+    daemon::run_with_security(
+        listener,
+        &settings.data_dir,
+        config,
+        security,
+        shutdown_signal(),
+    )
+    .await
+    .with_context(|| format!("coordinator with data in {}", settings.data_dir.display()))?;
     Ok(())
 }
 
