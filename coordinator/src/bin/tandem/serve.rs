@@ -386,15 +386,19 @@ fn describe_error(error: figment::Error) -> String {
     lines.join("\n")
 }
 
+/// A key in its three spellings, for errors: the value may have come from any layer.
+fn key_spellings(key: &str) -> String {
+    format!(
+        "configuration key `{key}` (--{}, TANDEM_{})",
+        key.replace('_', "-"),
+        key.to_uppercase()
+    )
+}
+
 /// Range checks that types cannot express; each error names its key.
 fn validate(c: &ServeConfig) -> anyhow::Result<()> {
     fn refuse(key: &str, why: impl std::fmt::Display) -> anyhow::Result<()> {
-        // The value may have come from any layer: name the key in all three spellings.
-        bail!(
-            "configuration key `{key}` (--{}, TANDEM_{}): {why}",
-            key.replace('_', "-"),
-            key.to_uppercase()
-        )
+        bail!("{}: {why}", key_spellings(key))
     }
     if c.prepare_timeout_ms_default == 0 || c.prepare_timeout_ms_default > c.prepare_timeout_ms_max
     {
@@ -569,12 +573,12 @@ fn daemon_security(settings: &ServeConfig) -> anyhow::Result<daemon::DaemonSecur
             settings.client_tokens_file.as_deref(),
             CLIENT_TOKENS_ENV,
         )
-        .context("client_tokens_file")?,
+        .with_context(|| key_spellings("client_tokens_file"))?,
         admin_tokens: TokenSet::from_file_or_env(
             settings.admin_token_file.as_deref(),
             ADMIN_TOKEN_ENV,
         )
-        .context("admin_token_file")?,
+        .with_context(|| key_spellings("admin_token_file"))?,
     };
     let tls = match &settings.participant_ca {
         Some(ca) => Some(security::client_tls(
@@ -590,7 +594,7 @@ fn daemon_security(settings: &ServeConfig) -> anyhow::Result<daemon::DaemonSecur
         settings.participant_token_file.as_deref(),
         PARTICIPANT_TOKEN_ENV,
     )
-    .context("participant_token_file")?;
+    .with_context(|| key_spellings("participant_token_file"))?;
     Ok(daemon::DaemonSecurity {
         server_tls,
         access,
