@@ -401,6 +401,20 @@ pub async fn execute_until_answered(addr: &str, txn: &TxnId, branches: Vec<Branc
     }
 }
 
+/// A bare gRPC client of the coordinator at `addr` (no retries, every status as it comes).
+pub async fn raw_coordinator(
+    addr: &str,
+) -> pb::coordinator_client::CoordinatorClient<tonic::transport::Channel> {
+    pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the coordinator at {addr}: {e}"))
+}
+
+/// A new, well-formed transaction or saga id.
+pub fn fresh_id() -> String {
+    TxnId::generate(tandem_common::unix_now_ms()).to_string()
+}
+
 /// The total of a set of balances.
 pub fn total(balances: &[&BTreeMap<String, i64>]) -> i64 {
     balances.iter().flat_map(|b| b.values()).sum()

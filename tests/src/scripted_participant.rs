@@ -147,6 +147,36 @@ impl ScriptedParticipant {
         self.addr.to_string()
     }
 
+    /// A 2PC transaction `txn` with one branch here.
+    pub fn execute_request(&self, txn: &str) -> pb::Execute2pcRequest {
+        pb::Execute2pcRequest {
+            txn_id: txn.into(),
+            branches: vec![pb::Branch {
+                participant: self.address(),
+                resource: "scripted".into(),
+                payload: b"work".to_vec(),
+            }],
+            timeout_ms: 60_000,
+        }
+    }
+
+    /// A saga `saga` (empty: the coordinator names it) of one step `step` here.
+    pub fn one_step_saga(&self, saga: &str, step: &str) -> pb::SubmitSagaRequest {
+        pb::SubmitSagaRequest {
+            saga_id: saga.into(),
+            steps: vec![pb::SagaStep {
+                name: step.into(),
+                participant: self.address(),
+                resource: "scripted".into(),
+                action: b"act".to_vec(),
+                compensation: b"undo".to_vec(),
+                ..Default::default()
+            }],
+            sequential: true,
+            callback: None,
+        }
+    }
+
     /// A copy of what it received so far.
     pub fn received(&self) -> Received {
         self.received.lock().expect("received lock").clone()

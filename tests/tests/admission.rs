@@ -12,11 +12,8 @@ use tandem_participant::TxnId;
 use tandem_proto::v1 as pb;
 use tandem_tests::scripted_participant::ScriptedParticipant;
 use tandem_tests::*;
-use tonic::transport::Channel;
 use tonic::Code;
 use tonic_types::StatusExt;
-
-type Coordinator = pb::coordinator_client::CoordinatorClient<Channel>;
 
 /// The bound the coordinator is started with, and ten times it as the load.
 const BOUND: usize = 16;
@@ -25,16 +22,6 @@ const LOAD: usize = 10 * BOUND;
 const HOLD: Duration = Duration::from_millis(1_500);
 /// The retry hint the coordinator is configured to give.
 const RETRY_AFTER_MS: u64 = 250;
-
-async fn raw_client(addr: &str) -> Coordinator {
-    pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connecting to the coordinator")
-}
-
-fn fresh_id() -> String {
-    TxnId::generate(tandem_common::unix_now_ms()).to_string()
-}
 
 /// A refusal must be RESOURCE_EXHAUSTED with the configured retry hint as a RetryInfo.
 fn assert_refused_with_hint(status: &tonic::Status, what: &str) {
@@ -79,19 +66,11 @@ async fn ten_times_the_2pc_bound_admits_the_bound_completes_it_and_refuses_the_r
     let addr = coordinator.addr();
     let resident_before = coordinator.resident_kib();
 
-    let client = raw_client(&addr).await;
+    let client = raw_coordinator(&addr).await;
     let calls = (0..LOAD).map(|_| {
         let mut client = client.clone();
         let txn = fresh_id();
-        let request = pb::Execute2pcRequest {
-            txn_id: txn.clone(),
-            branches: vec![pb::Branch {
-                participant: participant.address(),
-                resource: "scripted".into(),
-                payload: b"work".to_vec(),
-            }],
-            timeout_ms: 30_000,
-        };
+        let request = participant.execute_request(&txn);
         async move { (txn, client.execute2pc(request).await) }
     });
     let answers = futures::future::join_all(calls).await;
@@ -167,15 +146,7 @@ async fn ten_times_the_2pc_bound_admits_the_bound_completes_it_and_refuses_the_r
     let after = fresh_id();
     let started = Instant::now();
     let answer = client
-        .execute2pc(pb::Execute2pcRequest {
-            txn_id: after.clone(),
-            branches: vec![pb::Branch {
-                participant: participant.address(),
-                resource: "scripted".into(),
-                payload: b"after".to_vec(),
-            }],
-            timeout_ms: 30_000,
-        })
+        .execute2pc(participant.execute_request(&after))
         .await
         .expect("the coordinator serves normally after the overload")
         .into_inner();
@@ -191,23 +162,11 @@ async fn ten_times_the_saga_bound_admits_the_bound_completes_it_and_refuses_the_
     let participant = ScriptedParticipant::start(HOLD).await;
     let addr = coordinator.addr();
 
-    let client = raw_client(&addr).await;
+    let client = raw_coordinator(&addr).await;
     let submissions = (0..LOAD).map(|_| {
         let mut client = client.clone();
         let saga = fresh_id();
-        let request = pb::SubmitSagaRequest {
-            saga_id: saga.clone(),
-            steps: vec![pb::SagaStep {
-                name: "only".into(),
-                participant: participant.address(),
-                resource: "scripted".into(),
-                action: b"act".to_vec(),
-                compensation: b"undo".to_vec(),
-                ..Default::default()
-            }],
-            sequential: true,
-            callback: None,
-        };
+        let request = participant.one_step_saga(&saga, "only");
         async move { (saga, client.submit_saga(request).await) }
     });
     let answers = futures::future::join_all(submissions).await;
@@ -261,17 +220,7 @@ async fn ten_times_the_saga_bound_admits_the_bound_completes_it_and_refuses_the_
 
     // Serving normally afterwards: a new saga is accepted and completes.
     let after = client
-        .submit_saga(pb::SubmitSagaRequest {
-            saga_id: String::new(),
-            steps: vec![pb::SagaStep {
-                name: "after".into(),
-                participant: participant.address(),
-                resource: "scripted".into(),
-                ..Default::default()
-            }],
-            sequential: true,
-            callback: None,
-        })
+        .submit_saga(participant.one_step_saga("", "after"))
         .await
         .expect("accepted after the overload")
         .into_inner()

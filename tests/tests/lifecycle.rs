@@ -4,35 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use tandem_participant::TxnId;
 use tandem_proto::v1 as pb;
 use tandem_tests::scripted_participant::ScriptedParticipant;
 use tandem_tests::*;
-use tonic::transport::Channel;
-
-type Coordinator = pb::coordinator_client::CoordinatorClient<Channel>;
-
-async fn raw_client(addr: &str) -> Coordinator {
-    pb::coordinator_client::CoordinatorClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connecting to the coordinator")
-}
-
-fn execute_request(txn: &str, participant: &ScriptedParticipant) -> pb::Execute2pcRequest {
-    pb::Execute2pcRequest {
-        txn_id: txn.into(),
-        branches: vec![pb::Branch {
-            participant: participant.address(),
-            resource: "scripted".into(),
-            payload: b"work".to_vec(),
-        }],
-        timeout_ms: 60_000,
-    }
-}
-
-fn fresh_id() -> String {
-    TxnId::generate(tandem_common::unix_now_ms()).to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_calls_in_progress_finish_within_the_grace_period_then_exits_zero() {
@@ -41,14 +15,14 @@ async fn sigterm_lets_calls_in_progress_finish_within_the_grace_period_then_exit
         Node::coordinator_with_args(dir.path(), &["--shutdown-grace-ms", "8000"], None).await;
     let participant = ScriptedParticipant::start(Duration::from_millis(1_500)).await;
     let addr = coordinator.addr();
-    let client = raw_client(&addr).await;
+    let client = raw_coordinator(&addr).await;
 
     let txns: Vec<String> = (0..8).map(|_| fresh_id()).collect();
     let calls: Vec<_> = txns
         .iter()
         .map(|txn| {
             let mut client = client.clone();
-            let request = execute_request(txn, &participant);
+            let request = participant.execute_request(txn);
             tokio::spawn(async move { client.execute2pc(request).await })
         })
         .collect();
@@ -86,7 +60,7 @@ async fn sigterm_lets_calls_in_progress_finish_within_the_grace_period_then_exit
 
     // The outcomes it answered are durable: after a restart each reads back committed.
     coordinator.start(None).await;
-    let mut client = raw_client(&coordinator.addr()).await;
+    let mut client = raw_coordinator(&coordinator.addr()).await;
     for txn in &txns {
         let status = client
             .get_transaction(pb::GetTransactionRequest {
@@ -112,29 +86,17 @@ async fn calls_longer_than_the_grace_period_are_cut_off_and_their_work_resumes_a
     // Held far longer than the grace period.
     let participant = ScriptedParticipant::start(Duration::from_secs(4)).await;
     let addr = coordinator.addr();
-    let client = raw_client(&addr).await;
+    let client = raw_coordinator(&addr).await;
 
     let txn = fresh_id();
     let call = {
         let mut client = client.clone();
-        let request = execute_request(&txn, &participant);
+        let request = participant.execute_request(&txn);
         tokio::spawn(async move { client.execute2pc(request).await })
     };
     let mut saga_client = client.clone();
     let saga = saga_client
-        .submit_saga(pb::SubmitSagaRequest {
-            saga_id: String::new(),
-            steps: vec![pb::SagaStep {
-                name: "slow".into(),
-                participant: participant.address(),
-                resource: "scripted".into(),
-                action: b"act".to_vec(),
-                compensation: b"undo".to_vec(),
-                ..Default::default()
-            }],
-            sequential: true,
-            callback: None,
-        })
+        .submit_saga(participant.one_step_saga("", "slow"))
         .await
         .expect("the saga is accepted")
         .into_inner()
@@ -178,9 +140,9 @@ async fn calls_longer_than_the_grace_period_are_cut_off_and_their_work_resumes_a
     // Restart: the transaction resumes (it was undecided, so recovery aborts it and tells
     // the participant), the saga resumes and completes.
     coordinator.start(None).await;
-    let mut client = raw_client(&coordinator.addr()).await;
+    let mut client = raw_coordinator(&coordinator.addr()).await;
     let outcome = client
-        .execute2pc(execute_request(&txn, &participant))
+        .execute2pc(participant.execute_request(&txn))
         .await
         .expect("a retry with the same id learns the outcome")
         .into_inner();
