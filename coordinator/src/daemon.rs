@@ -225,6 +225,7 @@ pub async fn run_with_security(
     // runtime is stopped rather than left to notice the last handle go, which answers them
     // (UNAVAILABLE). Then the log is flushed, so that even what was written lazily survives.
     runtime_task.stop().await;
+    log.sync_history();
     if let Err(e) = log.flush().await {
         tracing::error!(error = %e, "flushing the log at shutdown failed");
     }

@@ -14,8 +14,10 @@
 //!   every change, never forced). The same visibility and ordering rules apply to both;
 //!   `scan_sagas` returns every saga with a spec, in id order, with its latest progress.
 //! - Each transaction and saga also has a *history*: its state changes with their times, for
-//!   operators. `append_history` is lazy like `put` (a crash may lose the latest entries, never
-//!   reorder them); `history` returns the entries oldest first, at most
+//!   operators. `append_history` is lazier than `put`: the sled log queues the entry for a
+//!   thread of its own (`history_writer.rs`), so it is durable only after that thread wrote it
+//!   and a flush followed (a crash may lose the latest entries, never reorder them; stopping
+//!   the daemon writes them all). `history` returns the entries oldest first, at most
 //!   [`record::HISTORY_ENTRIES_MAX`] (the first [`record::HISTORY_HEAD_KEPT`] and the latest).
 //!   The protocol never reads it; a log written before histories existed has none.
 //! - `prune_txns` and `prune_sagas` remove terminal records that are old by both measures of a
@@ -32,6 +34,7 @@
 //! flusher that fdatasyncs) and [`mem_log::MemLog`] (in memory, with a `crash` that drops what
 //! was not flushed, for tests and simulation).
 
+mod history_writer;
 pub mod mem_log;
 pub mod record;
 pub mod sled_log;
@@ -116,7 +119,7 @@ pub trait TxnLog: Send + Sync + 'static {
     fn scan_sagas(&self) -> Result<Vec<(TxnId, StoredSaga)>, LogError>;
     /// Appends a state change to the history of `id` (a transaction or a saga), dropping the
     /// oldest entry after the first `HISTORY_HEAD_KEPT` when `HISTORY_ENTRIES_MAX` are kept.
-    /// Visible at once; durable after a later flush.
+    /// Visible to `history` at once; durable some time later (see the module documentation).
     fn append_history(&self, id: &TxnId, entry: &HistoryEntry) -> Result<(), LogError>;
     /// The history of `id`, oldest first (empty if none was recorded).
     fn history(&self, id: &TxnId) -> Result<History, LogError>;

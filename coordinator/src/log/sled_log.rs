@@ -13,22 +13,19 @@ use sled::Transactional;
 
 use tandem_common::{codec, group_commit, GroupCommit, TxnId, RECORD_BYTES_MAX};
 
-use super::record::{
-    History, HistoryEntry, SagaSpecRecord, StoredSaga, TxnRecord, HISTORY_ENTRIES_MAX,
-    HISTORY_HEAD_KEPT,
-};
+use super::record::{History, HistoryEntry, HistoryKind, SagaSpecRecord, StoredSaga, TxnRecord};
+use super::history_writer::{truncated_key, HistoryWriter};
 use super::{id_key_bound, FlushFuture, LogError, PruneCutoff, PrunePass, TxnLog};
-use crate::engine::saga::SagaProgress;
+use crate::engine::saga::{ChangeKind, SagaProgress};
 
 /// The tree holding one record per transaction.
 const TXNS_TREE: &str = "tandem.coordinator.txns";
 /// The trees holding each saga's spec and progress, keyed by saga id.
 const SAGA_SPECS_TREE: &str = "tandem.coordinator.saga_specs";
 const SAGA_PROGRESS_TREE: &str = "tandem.coordinator.saga_progress";
-/// The tree holding histories: key `<id> 0x00 <u64 big-endian>` per entry (the number from
-/// `sled::Db::generate_id`, increasing across restarts), and `<id> 0x01` marking a history
-/// that dropped entries. Ids never hold bytes below `-`, so one id's keys never mix with
-/// another's.
+/// The tree holding histories: key `<id> 0x00 <u32 big-endian>` per entry (numbered from 0
+/// per history), and `<id> 0x01` marking a history that dropped entries. Ids never hold bytes
+/// below `-`, so one id's keys never mix with another's. Written by [`HistoryWriter`].
 const HISTORY_TREE: &str = "tandem.coordinator.history";
 
 pub struct SledLog {
@@ -37,6 +34,7 @@ pub struct SledLog {
     saga_specs: sled::Tree,
     saga_progress: sled::Tree,
     history: sled::Tree,
+    history_writer: HistoryWriter,
     flusher: GroupCommit,
 }
 
@@ -51,14 +49,23 @@ impl SledLog {
         let history = db.open_tree(HISTORY_TREE).map_err(storage)?;
         let flusher = GroupCommit::start(db.clone(), dir)
             .map_err(|e| LogError::Storage(format!("{}: {e}", dir.display())))?;
+        let history_writer = HistoryWriter::start(history.clone())
+            .map_err(|e| LogError::Storage(format!("starting the history writer: {e}")))?;
         Ok(SledLog {
             db,
             txns,
             saga_specs,
             saga_progress,
             history,
+            history_writer,
             flusher,
         })
+    }
+
+    /// Returns once every history entry appended before is in the tree (so that a flush
+    /// after it makes them durable too).
+    pub fn sync_history(&self) {
+        self.history_writer.sync();
     }
 
     /// The group-commit flusher, for its statistics.
@@ -249,34 +256,23 @@ impl TxnLog for SledLog {
     }
 
     fn append_history(&self, id: &TxnId, entry: &HistoryEntry) -> Result<(), LogError> {
-        let prefix = history_key(id, 0);
-        let keys: Vec<sled::IVec> = self
-            .history
-            .scan_prefix(&prefix)
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(storage)?;
-        if keys.len() >= HISTORY_ENTRIES_MAX {
-            self.history
-                .remove(&keys[HISTORY_HEAD_KEPT])
-                .map_err(storage)?;
-            self.history
-                .insert(history_key(id, 1), &[][..])
-                .map_err(storage)?;
-        }
         let bytes = codec::encode(entry).map_err(|e| LogError::Storage(e.to_string()))?;
         assert!(
             bytes.len() <= RECORD_BYTES_MAX,
             "{id}: history entry of {} bytes exceeds RECORD_BYTES_MAX",
             bytes.len()
         );
-        let mut key = prefix;
-        key.extend_from_slice(&self.db.generate_id().map_err(storage)?.to_be_bytes());
-        self.history.insert(key, bytes).map_err(storage)?;
+        let last = matches!(
+            entry.kind,
+            HistoryKind::Finished | HistoryKind::Saga(ChangeKind::Finished)
+        );
+        self.history_writer
+            .append(id.as_str().as_bytes(), bytes, last);
         Ok(())
     }
 
     fn history(&self, id: &TxnId) -> Result<History, LogError> {
+        self.history_writer.sync();
         let mut entries = Vec::new();
         for item in self.history.scan_prefix(history_key(id, 0)) {
             let (_, value) = item.map_err(storage)?;
@@ -284,7 +280,7 @@ impl TxnLog for SledLog {
         }
         let truncated = self
             .history
-            .contains_key(history_key(id, 1))
+            .contains_key(truncated_key(id.as_str().as_bytes()))
             .map_err(storage)?;
         Ok(History { entries, truncated })
     }
