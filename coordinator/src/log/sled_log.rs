@@ -13,8 +13,8 @@ use sled::Transactional;
 
 use tandem_common::{codec, group_commit, GroupCommit, TxnId, RECORD_BYTES_MAX};
 
-use super::record::{History, HistoryEntry, HistoryKind, SagaSpecRecord, StoredSaga, TxnRecord};
 use super::history_writer::{truncated_key, HistoryWriter};
+use super::record::{History, HistoryEntry, HistoryKind, SagaSpecRecord, StoredSaga, TxnRecord};
 use super::{id_key_bound, FlushFuture, LogError, PruneCutoff, PrunePass, TxnLog};
 use crate::engine::saga::{ChangeKind, SagaProgress};
 
