@@ -295,6 +295,8 @@ impl TxnLog for SledLog {
         after: Option<&TxnId>,
         scan_max: usize,
     ) -> Result<PrunePass, LogError> {
+        // Entries still queued for the history thread would land after their removal.
+        self.history_writer.sync();
         let (mut pass, doomed) = judge_pass(
             &self.txns,
             TXNS_TREE,
@@ -326,6 +328,7 @@ impl TxnLog for SledLog {
         after: Option<&TxnId>,
         scan_max: usize,
     ) -> Result<PrunePass, LogError> {
+        self.history_writer.sync();
         let specs = &self.saga_specs;
         let (mut pass, doomed) = judge_pass(
             specs,
