@@ -338,6 +338,25 @@ async fn suite<L: TxnLog>(open: impl FnOnce() -> L, crash_and_reopen: impl Fn(L)
     );
 }
 
+/// Opens the sled log in `path` again after the previous handle was dropped. sled releases
+/// the folder's lock once its own background writes of the dropped handle are done, which
+/// on a loaded machine can take a moment: a bounded wait, not a failure.
+fn reopen_sled(path: &std::path::Path) -> SledLog {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match SledLog::open(path) {
+            Ok(log) => return log,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopening the sled log in {}: {e}", path.display()),
+        }
+    }
+}
+
 #[tokio::test]
 async fn mem_log_passes_the_conformance_suite() {
     suite(MemLog::new, |log| {
@@ -356,7 +375,7 @@ async fn sled_log_passes_the_conformance_suite() {
         move || SledLog::open(&path).unwrap(),
         move |log| {
             drop(log);
-            SledLog::open(&reopen_path).unwrap()
+            reopen_sled(&reopen_path)
         },
     )
     .await;
@@ -380,7 +399,7 @@ async fn sled_log_passes_the_prune_suite() {
         move || SledLog::open(&path).unwrap(),
         move |log| {
             drop(log);
-            SledLog::open(&reopen_path).unwrap()
+            reopen_sled(&reopen_path)
         },
     )
     .await;
