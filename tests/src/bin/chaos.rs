@@ -129,6 +129,8 @@ fn main() -> ExitCode {
     );
     // A bar on a terminal, a plain line every 5 s otherwise (tandem_common::progress, as for
     // `tandem bench`); `run` reports every PROGRESS_EVERY and the bar ticks in between.
+    // Built (once) before the clock starts, so that the progress shows the run, not the build.
+    tandem_tests::binaries();
     let display = std::sync::Arc::new(std::sync::Mutex::new(Some(
         tandem_common::progress::Progress::start("chaos", config.duration),
     )));
