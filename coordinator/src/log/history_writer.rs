@@ -45,11 +45,17 @@ impl Kept {
     }
 }
 
-/// The key of entry `seq` of the history of `id`: `<id> 0x00 <seq big-endian>`.
-pub(super) fn entry_key(id: &[u8], seq: u32) -> Vec<u8> {
+/// The prefix of every entry of the history of `id`: `<id> 0x00`.
+pub(super) fn entries_prefix(id: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(id.len() + 5);
     key.extend_from_slice(id);
     key.push(0);
+    key
+}
+
+/// The key of entry `seq` of the history of `id`: `<id> 0x00 <seq big-endian>`.
+fn entry_key(id: &[u8], seq: u32) -> Vec<u8> {
+    let mut key = entries_prefix(id);
     key.extend_from_slice(&seq.to_be_bytes());
     key
 }
@@ -173,8 +179,7 @@ fn run(tree: sled::Tree, queue: mpsc::Receiver<Job>) {
 
 /// What the tree holds of `id`'s history (once per history the thread has not seen).
 fn scan(tree: &sled::Tree, id: &[u8]) -> Kept {
-    let mut prefix = id.to_vec();
-    prefix.push(0);
+    let prefix = entries_prefix(id);
     let mut seqs = Vec::new();
     for key in tree.scan_prefix(&prefix).keys() {
         match key {

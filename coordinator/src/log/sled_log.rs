@@ -13,7 +13,7 @@ use sled::Transactional;
 
 use tandem_common::{codec, group_commit, GroupCommit, TxnId, RECORD_BYTES_MAX};
 
-use super::history_writer::{truncated_key, HistoryWriter};
+use super::history_writer::{entries_prefix, truncated_key, HistoryWriter};
 use super::record::{History, HistoryEntry, HistoryKind, SagaSpecRecord, StoredSaga, TxnRecord};
 use super::{id_key_bound, FlushFuture, LogError, PruneCutoff, PrunePass, TxnLog};
 use crate::engine::saga::{ChangeKind, SagaProgress};
@@ -81,33 +81,22 @@ fn decode<T: serde::de::DeserializeOwned>(txn: &[u8], bytes: &[u8]) -> Result<T,
     })
 }
 
-/// The key prefix of `id`'s history entries (`marker`: 0x00) or its truncation mark (0x01).
-fn history_key(id: &TxnId, marker: u8) -> Vec<u8> {
-    let mut key = Vec::with_capacity(id.as_str().len() + 9);
-    key.extend_from_slice(id.as_str().as_bytes());
-    key.push(marker);
-    key
-}
-
 impl SledLog {
     /// Removes the history of the transaction or saga keyed `id` (its entries and its
     /// truncation mark). Called before its record goes, so that a crash between the two
     /// leaves a record without history (pruned again at the next pass), never a history
     /// without a record.
     fn remove_history(&self, id: &[u8]) -> Result<(), LogError> {
-        let mut prefix = id.to_vec();
-        prefix.push(0);
         let entries: Vec<sled::IVec> = self
             .history
-            .scan_prefix(&prefix)
+            .scan_prefix(entries_prefix(id))
             .keys()
             .collect::<Result<_, _>>()
             .map_err(storage)?;
         for key in entries {
             self.history.remove(key).map_err(storage)?;
         }
-        *prefix.last_mut().expect("the marker byte") = 1;
-        self.history.remove(prefix).map_err(storage)?;
+        self.history.remove(truncated_key(id)).map_err(storage)?;
         Ok(())
     }
 }
@@ -274,7 +263,10 @@ impl TxnLog for SledLog {
     fn history(&self, id: &TxnId) -> Result<History, LogError> {
         self.history_writer.sync();
         let mut entries = Vec::new();
-        for item in self.history.scan_prefix(history_key(id, 0)) {
+        for item in self
+            .history
+            .scan_prefix(entries_prefix(id.as_str().as_bytes()))
+        {
             let (_, value) = item.map_err(storage)?;
             entries.push(decode(id.as_str().as_bytes(), &value)?);
         }

@@ -525,16 +525,12 @@ fn validate(c: &ServeConfig) -> anyhow::Result<()> {
 
 /// `retention` (`None`: forever) and `txn_id_age_max`, in ms.
 fn retention_and_id_age(c: &ServeConfig) -> anyhow::Result<(Option<u64>, u64)> {
-    let retention = parse_retention(&c.retention).map_err(|e| {
-        anyhow::anyhow!("configuration key `retention` (--retention, TANDEM_RETENTION): {e}")
-    })?;
-    let id_age_max = parse_duration(&c.txn_id_age_max).map_err(|e| {
-        anyhow::anyhow!(
-            "configuration key `txn_id_age_max` (--txn-id-age-max, TANDEM_TXN_ID_AGE_MAX): {e}"
-        )
-    })?;
+    let retention = parse_retention(&c.retention)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key_spellings("retention")))?;
+    let id_age_max = parse_duration(&c.txn_id_age_max)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key_spellings("txn_id_age_max")))?;
     if id_age_max.is_zero() {
-        bail!("configuration key `txn_id_age_max` (--txn-id-age-max, TANDEM_TXN_ID_AGE_MAX): must be positive");
+        bail!("{}: must be positive", key_spellings("txn_id_age_max"));
     }
     Ok((retention.map(millis), millis(id_age_max)))
 }
