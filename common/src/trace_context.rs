@@ -46,6 +46,16 @@ pub struct TraceContext {
 }
 
 impl TraceContext {
+    /// Puts this context into `request`'s metadata as its W3C `traceparent`: the one way
+    /// every Tandem client (the SDK's and the coordinator's) sends it.
+    pub fn set_on<T>(&self, request: &mut tonic::Request<T>) {
+        let value = self
+            .to_string()
+            .parse()
+            .expect("a formatted traceparent is valid ASCII metadata");
+        request.metadata_mut().insert(TRACEPARENT, value);
+    }
+
     /// Parses a `traceparent` value.
     pub fn parse(text: &str) -> Result<Self, TraceContextError> {
         if text.len() > TRACEPARENT_LEN_MAX {

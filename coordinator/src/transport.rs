@@ -331,13 +331,7 @@ fn step_request(call: StepCall) -> tonic::Request<pb::StepRequest> {
 /// Puts `trace` into the request's metadata as W3C `traceparent`.
 pub fn set_traceparent<T>(request: &mut tonic::Request<T>, trace: Option<&TraceContext>) {
     if let Some(trace) = trace {
-        let value = trace
-            .to_string()
-            .parse()
-            .expect("a formatted traceparent is valid ASCII metadata");
-        request
-            .metadata_mut()
-            .insert(tandem_common::trace_context::TRACEPARENT, value);
+        trace.set_on(request);
     }
 }
 

@@ -62,7 +62,6 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tandem_common::credentials::{BearerInterceptor, Token};
-use tandem_common::trace_context::TRACEPARENT;
 use tandem_common::{unix_now_ms, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
 use tokio_stream::{Stream, StreamExt};
@@ -331,11 +330,7 @@ fn malformed_answer(what: &str, problem: String) -> Error {
 /// `message` as a request carrying `trace` as its `traceparent` metadata.
 fn traced<T>(message: T, trace: &TraceContext) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    let value = trace
-        .to_string()
-        .parse()
-        .expect("a formatted traceparent is valid ASCII metadata");
-    request.metadata_mut().insert(TRACEPARENT, value);
+    trace.set_on(&mut request);
     request
 }
 
