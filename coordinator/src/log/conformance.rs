@@ -332,6 +332,13 @@ async fn suite<L: TxnLog>(open: impl FnOnce() -> L, crash_and_reopen: impl Fn(L)
     let log = crash_and_reopen(log);
     assert_eq!(log.history(&id(5)).unwrap().entries.len(), 3);
     assert_eq!(log.history(&id(6)).unwrap().entries, vec![entry(99)]);
+    // A history continued after a restart (a recovered transaction) goes on after its
+    // stored entries, in order.
+    log.append_history(&id(5), &entry(3)).unwrap();
+    assert_eq!(
+        log.history(&id(5)).unwrap().entries,
+        vec![entry(0), entry(1), entry(2), entry(3)]
+    );
     assert_eq!(
         log.history(&id(7)).unwrap().entries.len(),
         HISTORY_ENTRIES_MAX

@@ -13,7 +13,7 @@ use sled::Transactional;
 
 use tandem_common::{codec, group_commit, GroupCommit, TxnId, RECORD_BYTES_MAX};
 
-use super::history_writer::{entries_prefix, truncated_key, HistoryWriter};
+use super::history_writer::{entries_prefix, record_entries, truncated_key, HistoryWriter};
 use super::record::{History, HistoryEntry, HistoryKind, SagaSpecRecord, StoredSaga, TxnRecord};
 use super::{id_key_bound, FlushFuture, LogError, PruneCutoff, PrunePass, TxnLog};
 use crate::engine::saga::{ChangeKind, SagaProgress};
@@ -24,7 +24,8 @@ const TXNS_TREE: &str = "tandem.coordinator.txns";
 const SAGA_SPECS_TREE: &str = "tandem.coordinator.saga_specs";
 const SAGA_PROGRESS_TREE: &str = "tandem.coordinator.saga_progress";
 /// The tree holding histories: key `<id> 0x00 <u32 big-endian>` per entry (numbered from 0
-/// per history), and `<id> 0x01` marking a history that dropped entries. Ids never hold bytes
+/// per history; a chunk of the first entries is keyed by its last one), and `<id> 0x01`
+/// marking a history that dropped entries. Ids never hold bytes
 /// below `-`, so one id's keys never mix with another's. Written by [`HistoryWriter`].
 const HISTORY_TREE: &str = "tandem.coordinator.history";
 
@@ -268,7 +269,12 @@ impl TxnLog for SledLog {
             .scan_prefix(entries_prefix(id.as_str().as_bytes()))
         {
             let (_, value) = item.map_err(storage)?;
-            entries.push(decode(id.as_str().as_bytes(), &value)?);
+            let record = record_entries(&value).ok_or_else(|| {
+                LogError::Storage(format!("{id}: a history chunk's framing is broken"))
+            })?;
+            for entry in record {
+                entries.push(decode(id.as_str().as_bytes(), entry)?);
+            }
         }
         let truncated = self
             .history

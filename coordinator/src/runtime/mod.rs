@@ -21,7 +21,7 @@
 //!
 //! Sagas have their own engine ([`SagaEngine`]) driven by the same loop, with the same rules:
 //! the forced spec write completes before the submitter hears "accepted", progress is written
-//! lazily, and every effect is carried out here. The saga half lives in [`sagas`].
+//! lazily (in checkpoints), and every effect is carried out here. The saga half lives in [`sagas`].
 //!
 //! Terminal records leave the log after the configured retention ([`retention`]: a task the
 //! runtime starts and stops, working off this loop).
@@ -345,6 +345,16 @@ struct Runtime {
     stuck: HashSet<TxnId>,
 }
 
+/// Sleeps until `at_ms` (ms since the epoch); forever if `None`.
+async fn sleep_until_ms(at_ms: Option<u64>) {
+    match at_ms {
+        Some(at_ms) => {
+            tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(unix_now_ms()))).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Stops the process: the log can no longer prove what it wrote.
 fn fatal(what: &str, error: &dyn std::fmt::Display) -> ! {
     tracing::error!(%error, "{what}; stopping so that recovery starts from what is on disk");
@@ -384,19 +394,13 @@ impl Runtime {
         let mut event_batch = Vec::with_capacity(LOOP_BATCH_MAX);
         loop {
             let next_timer_ms = self.timers.first_key_value().map(|(&(at_ms, _), _)| at_ms);
-            let timer_due = async {
-                match next_timer_ms {
-                    Some(at_ms) => {
-                        let wait = Duration::from_millis(at_ms.saturating_sub(unix_now_ms()));
-                        tokio::time::sleep(wait).await
-                    }
-                    None => std::future::pending().await,
-                }
-            };
+            let timer_due = sleep_until_ms(next_timer_ms);
+            let checkpoint_due = sleep_until_ms(self.sagas.checkpoint_due_ms);
             tokio::select! {
                 biased;
                 _ = &mut stop => break,
                 () = timer_due => self.fire_due_timers(),
+                () = checkpoint_due => self.checkpoint_progress(),
                 n = events.recv_many(&mut event_batch, LOOP_BATCH_MAX) => {
                     debug_assert!(n > 0, "the runtime holds a sender, so events never close");
                     for event in event_batch.drain(..) {
@@ -420,6 +424,8 @@ impl Runtime {
             self.metrics
                 .set_in_flight(Kind::Saga, self.sagas.engine.in_flight());
         }
+        // Stopping is not a crash: what the sagas did is kept, so a restart re-sends nothing.
+        self.checkpoint_progress();
         for (_, waiters) in self.waiters.drain() {
             for waiter in waiters {
                 let _ = waiter.send(Err(CoordinatorError::ShuttingDown));
