@@ -21,6 +21,7 @@
 //!   printed) and PEM files, read and checked once for every binary that takes them.
 
 pub mod backoff;
+pub mod call_batch;
 pub mod child;
 pub mod codec;
 pub mod crash;

@@ -59,8 +59,11 @@
 //! into [`SagaState`] and [`SagaChange`] (see [`crate::saga_state`]).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tandem_common::call_batch::{BatchLimits, CallBatcher};
 use tandem_common::credentials::{BearerInterceptor, Token};
 use tandem_common::{unix_now_ms, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
@@ -310,6 +313,7 @@ impl Saga {
                     participant,
                     resource,
                 }),
+            traceparent: String::new(),
         }
     }
 }
@@ -390,11 +394,104 @@ impl ConnectOptions {
     }
 }
 
-/// A client of the coordinator. Cheap to clone.
+/// A client of the coordinator. Cheap to clone (clones share the connection, and the queue
+/// of submissions waiting to be carried).
 #[derive(Clone)]
 pub struct TandemClient {
     channel: Channel,
     inner: CoordinatorClient,
+    submits: SubmitBatcher,
+}
+
+/// Saga submissions on their way to the coordinator: concurrent ones share `SubmitSagas`
+/// calls ([`tandem_common::call_batch`]); each answers its saga's id or the error a single
+/// `SubmitSaga` would have got.
+type SubmitBatcher = CallBatcher<pb::SubmitSagaRequest, Result<String, tonic::Status>>;
+
+/// Whether the coordinator takes `SubmitSagas` (one older than it answers UNIMPLEMENTED).
+const BATCHING_UNKNOWN: u8 = 0;
+const BATCHING_TAKEN: u8 = 1;
+const BATCHING_REFUSED: u8 = 2;
+
+fn submit_batcher(client: CoordinatorClient) -> SubmitBatcher {
+    let batching = Arc::new(AtomicU8::new(BATCHING_UNKNOWN));
+    CallBatcher::new(
+        BatchLimits::default(),
+        |item: &pb::SubmitSagaRequest| prost::Message::encoded_len(item),
+        move |items| Box::pin(submit_batch(client.clone(), items, batching.clone())),
+    )
+}
+
+/// Carries one batch of submissions: as one `SubmitSagas` call, or, to a coordinator that
+/// does not take it, as one `SubmitSaga` call per item.
+async fn submit_batch(
+    mut client: CoordinatorClient,
+    items: Vec<pb::SubmitSagaRequest>,
+    batching: Arc<AtomicU8>,
+) -> Vec<Result<String, tonic::Status>> {
+    let count = items.len();
+    let known = batching.load(Ordering::Relaxed);
+    if known != BATCHING_REFUSED {
+        // Kept for single calls only until the coordinator is known to take batches.
+        let spare = (known == BATCHING_UNKNOWN).then(|| items.clone());
+        let request = pb::SubmitSagasRequest { sagas: items };
+        match client.submit_sagas(request).await {
+            Ok(answer) => {
+                batching.store(BATCHING_TAKEN, Ordering::Relaxed);
+                let results = answer.into_inner().results;
+                if results.len() != count {
+                    let status = tonic::Status::internal(format!(
+                        "the coordinator answered {} results for {count} submitted sagas",
+                        results.len()
+                    ));
+                    return vec![Err(status); count];
+                }
+                return results.into_iter().map(submit_result).collect();
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented && spare.is_some() => {
+                tracing::debug!("the coordinator takes no SubmitSagas; submitting one by one");
+                batching.store(BATCHING_REFUSED, Ordering::Relaxed);
+                return submit_singly(client, spare.expect("checked")).await;
+            }
+            Err(status) => return vec![Err(status); count],
+        }
+    }
+    submit_singly(client, items).await
+}
+
+fn submit_result(result: pb::SubmitSagaResult) -> Result<String, tonic::Status> {
+    match result.result {
+        Some(pb::submit_saga_result::Result::SagaId(id)) => Ok(id),
+        Some(pb::submit_saga_result::Result::Error(e)) => Err(tonic::Status::with_details(
+            tonic::Code::from(e.code),
+            e.message,
+            e.details.into(),
+        )),
+        None => Err(tonic::Status::internal(
+            "the coordinator answered a submitted saga without a result",
+        )),
+    }
+}
+
+async fn submit_singly(
+    client: CoordinatorClient,
+    items: Vec<pb::SubmitSagaRequest>,
+) -> Vec<Result<String, tonic::Status>> {
+    futures::future::join_all(items.into_iter().map(|mut item| {
+        let mut client = client.clone();
+        async move {
+            let traceparent = std::mem::take(&mut item.traceparent);
+            let mut request = tonic::Request::new(item);
+            if let Some(trace) = TraceContext::from_incoming(Some(&traceparent)) {
+                trace.set_on(&mut request);
+            }
+            client
+                .submit_saga(request)
+                .await
+                .map(|answer| answer.into_inner().saga_id)
+        }
+    }))
+    .await
 }
 
 fn endpoint_uri(address: &str, tls: bool) -> String {
@@ -494,24 +591,24 @@ impl TandemClient {
                 tandem_common::error_chain(&e)
             ))
         })?;
-        Ok(TandemClient {
-            inner: pb::coordinator_client::CoordinatorClient::with_interceptor(
-                channel.clone(),
-                BearerInterceptor::new(options.token.as_ref()),
-            ),
+        Ok(TandemClient::over(channel, options.token.as_ref()))
+    }
+
+    fn over(channel: Channel, token: Option<&Token>) -> Self {
+        let inner = pb::coordinator_client::CoordinatorClient::with_interceptor(
+            channel.clone(),
+            BearerInterceptor::new(token),
+        );
+        TandemClient {
+            submits: submit_batcher(inner.clone()),
+            inner,
             channel,
-        })
+        }
     }
 
     /// This client, sending `token` as `authorization: Bearer <token>` with every call.
     pub fn with_token(self, token: Token) -> Self {
-        TandemClient {
-            inner: pb::coordinator_client::CoordinatorClient::with_interceptor(
-                self.channel.clone(),
-                BearerInterceptor::new(Some(&token)),
-            ),
-            channel: self.channel,
-        }
+        TandemClient::over(self.channel, Some(&token))
     }
 
     /// A fresh transaction id, for callers that want to know (or log) it before executing.
@@ -646,13 +743,23 @@ impl TandemClient {
     pub async fn submit_saga(&self, saga: Saga) -> Result<TxnId, Error> {
         let id = saga.saga_id().cloned().unwrap_or_else(Self::new_txn_id);
         let trace = saga.trace.unwrap_or_else(TraceContext::new_root).child();
-        let request = saga.into_pb(&id);
+        let mut request = saga.into_pb(&id);
+        request.traceparent = trace.to_string();
         let span =
             tracing::debug_span!("submit_saga", saga = %id, trace_id = %trace.trace_id_hex());
         let answer = self
-            .call_retrying("SubmitSaga", |mut client| {
-                let request = traced(request.clone(), &trace);
-                async move { client.submit_saga(request).await }
+            .call_retrying("SubmitSaga", |_| {
+                let (submits, request) = (self.submits.clone(), request.clone());
+                async move {
+                    match submits.call(request).await {
+                        Some(answer) => answer.map(|saga_id| {
+                            tonic::Response::new(pb::SubmitSagaResponse { saga_id })
+                        }),
+                        None => Err(tonic::Status::unavailable(
+                            "the call carrying the submission stopped without an answer",
+                        )),
+                    }
+                }
             })
             .instrument(span)
             .await?;
@@ -864,10 +971,15 @@ mod tests {
     /// A stand-in for the coordinator's saga calls, to check the client's side of them: the
     /// first submission fails UNAVAILABLE, a wait answers "still running" twice before the
     /// saga is terminal, a watch streams three changes.
+    ///
+    /// `SubmitSagas` is UNIMPLEMENTED (an older coordinator) unless `takes_batches`; then the
+    /// first saga it is given is refused once as overloaded, with a retry hint.
     #[derive(Default)]
     struct FakeCoordinator {
         submitted: std::sync::Mutex<Vec<pb::SubmitSagaRequest>>,
         waits: std::sync::atomic::AtomicU32,
+        takes_batches: bool,
+        batches: std::sync::atomic::AtomicU32,
     }
 
     fn fake_state(id: &str, phase: pb::SagaPhase) -> pb::SagaState {
@@ -918,6 +1030,41 @@ mod tests {
                 return Err(tonic::Status::unavailable("briefly down"));
             }
             Ok(tonic::Response::new(pb::SubmitSagaResponse { saga_id }))
+        }
+        async fn submit_sagas(
+            &self,
+            request: tonic::Request<pb::SubmitSagasRequest>,
+        ) -> Result<tonic::Response<pb::SubmitSagasResponse>, tonic::Status> {
+            use tonic_types::{ErrorDetails, StatusExt};
+            if !self.takes_batches {
+                return Err(tonic::Status::unimplemented("an older coordinator"));
+            }
+            self.batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut submitted = self.submitted.lock().unwrap();
+            let mut results = Vec::new();
+            for item in request.into_inner().sagas {
+                let saga_id = item.saga_id.clone();
+                submitted.push(item);
+                let result = if submitted.len() == 1 {
+                    let busy = tonic::Status::with_error_details(
+                        tonic::Code::ResourceExhausted,
+                        "busy",
+                        ErrorDetails::with_retry_info(Some(Duration::from_millis(10))),
+                    );
+                    pb::submit_saga_result::Result::Error(pb::CallError {
+                        code: busy.code() as i32,
+                        message: busy.message().into(),
+                        details: busy.details().to_vec(),
+                    })
+                } else {
+                    pb::submit_saga_result::Result::SagaId(saga_id)
+                };
+                results.push(pb::SubmitSagaResult {
+                    result: Some(result),
+                });
+            }
+            Ok(tonic::Response::new(pb::SubmitSagasResponse { results }))
         }
         async fn get_saga(
             &self,
@@ -986,7 +1133,11 @@ mod tests {
     }
 
     async fn fake_coordinator() -> (String, std::sync::Arc<FakeCoordinator>) {
-        let fake = std::sync::Arc::new(FakeCoordinator::default());
+        serve_fake(FakeCoordinator::default()).await
+    }
+
+    async fn serve_fake(fake: FakeCoordinator) -> (String, std::sync::Arc<FakeCoordinator>) {
+        let fake = std::sync::Arc::new(fake);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let server = tonic::transport::Server::builder()
@@ -1054,5 +1205,52 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[tokio::test]
+    async fn concurrent_submissions_share_calls_and_a_refused_one_is_retried_by_itself() {
+        let (address, fake) = serve_fake(FakeCoordinator {
+            takes_batches: true,
+            ..FakeCoordinator::default()
+        })
+        .await;
+        let client = TandemClient::connect(&address).await.unwrap();
+        let sagas =
+            (0..40u8).map(|i| Saga::sequence([Step::new("debit", "p:1", "bank", vec![i], vec![])]));
+        let ids: Vec<TxnId> = futures::future::join_all(sagas.map(|saga| client.submit_saga(saga)))
+            .await
+            .into_iter()
+            .map(|id| id.expect("every submission is accepted"))
+            .collect();
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            40,
+            "each submission got its own id: {ids:?}"
+        );
+        let batches = fake.batches.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            batches < 40,
+            "40 concurrent submissions took {batches} calls"
+        );
+        let submitted = fake.submitted.lock().unwrap();
+        assert_eq!(
+            submitted.len(),
+            41,
+            "the one refused as overloaded was sent again, nothing else"
+        );
+        assert_eq!(
+            submitted
+                .iter()
+                .filter(|s| s.saga_id == submitted[0].saga_id)
+                .count(),
+            2
+        );
+        for item in submitted.iter() {
+            assert!(
+                TraceContext::parse(&item.traceparent).is_ok(),
+                "an item without its trace context: {item:?}"
+            );
+        }
     }
 }

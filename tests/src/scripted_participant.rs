@@ -173,7 +173,7 @@ impl ScriptedParticipant {
                 ..Default::default()
             }],
             sequential: true,
-            callback: None,
+            ..Default::default()
         }
     }
 

@@ -584,6 +584,118 @@ async fn malformed_sagas_are_refused_with_invalid_argument_and_ids_are_idempoten
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_submissions_answers_each_saga_as_a_single_submission_would() {
+    use pb::submit_saga_result::Result::{Error, SagaId};
+    let mut cluster = Cluster::start(None, None).await;
+    let mut raw = raw_coordinator(&cluster.coordinator.addr()).await;
+    let op_step = |name: &str, at: String, action: bank::BankOp, undo: bank::BankOp| pb::SagaStep {
+        name: name.into(),
+        participant: at,
+        resource: bank::SAGA_STEP.into(),
+        action: action.encode(),
+        compensation: undo.encode(),
+        after: vec![],
+        retry: None,
+        timeout_ms: 0,
+    };
+    let (a, b) = (cluster.a.addr(), cluster.b.addr());
+    let pays = |id: &str, amount: i64| pb::SubmitSagaRequest {
+        saga_id: id.into(),
+        steps: vec![
+            op_step(
+                "debit",
+                a.clone(),
+                bank::BankOp::Debit {
+                    account: "alice".into(),
+                    amount,
+                },
+                bank::BankOp::Credit {
+                    account: "alice".into(),
+                    amount,
+                },
+            ),
+            op_step(
+                "credit",
+                b.clone(),
+                bank::BankOp::Credit {
+                    account: "carol".into(),
+                    amount,
+                },
+                bank::BankOp::Debit {
+                    account: "carol".into(),
+                    amount,
+                },
+            ),
+        ],
+        sequential: true,
+        ..Default::default()
+    };
+    let batch = |sagas| pb::SubmitSagasRequest { sagas };
+    let (first, malformed) = (fresh_id(), fresh_id());
+    let no_steps = pb::SubmitSagaRequest {
+        saga_id: malformed.clone(),
+        sequential: true,
+        ..Default::default()
+    };
+    let answers = raw
+        .submit_sagas(batch(vec![pays(&first, 30), no_steps]))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0].result, Some(SagaId(first.clone())));
+    match &answers[1].result {
+        Some(Error(e)) => {
+            assert_eq!(e.code, tonic::Code::InvalidArgument as i32, "{e:?}");
+            assert!(e.message.contains("at least one step"), "{e:?}");
+        }
+        other => panic!("a saga without steps was answered {other:?}"),
+    }
+    // As single submissions: the same content again is the same saga, other content under
+    // its id is refused.
+    let again = raw
+        .submit_sagas(batch(vec![pays(&first, 30), pays(&first, 31)]))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(again[0].result, Some(SagaId(first.clone())));
+    assert!(
+        matches!(&again[1].result, Some(Error(e)) if e.code == tonic::Code::AlreadyExists as i32),
+        "{again:?}"
+    );
+    // A malformed call is refused as a whole.
+    for (what, sagas) in [
+        ("no sagas", vec![]),
+        (
+            "513 sagas",
+            (0..513).map(|_| pays(&fresh_id(), 1)).collect(),
+        ),
+    ] {
+        let refused = raw.submit_sagas(batch(sagas)).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {refused:?}"
+        );
+    }
+    let missing = raw
+        .get_saga(pb::GetSagaRequest { saga_id: malformed })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing.code(),
+        tonic::Code::NotFound,
+        "the refused saga left nothing"
+    );
+    let client = client(&cluster.coordinator.addr()).await;
+    let state = wait_terminal(&client, &TxnId::parse(&first).unwrap()).await;
+    assert_eq!(state.outcome(), Some(SagaOutcome::Completed), "{state:?}");
+    assert_eq!(cluster.stop_banks().await, after_alice_paid_carol(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graph_saga_runs_independent_steps_and_joins_before_the_last() {
     let mut cluster = Cluster::start(None, None).await;
     let client = client(&cluster.coordinator.addr()).await;

@@ -16,6 +16,7 @@ use tokio_stream::StreamExt;
 use tracing::Instrument;
 
 use sha2::{Digest, Sha256};
+use tandem_common::call_batch::CALL_BATCH_ITEMS_MAX;
 use tandem_common::trace_context::TRACEPARENT;
 use tandem_common::{unix_now_ms, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
@@ -38,6 +39,26 @@ pub struct CoordinatorService {
 }
 
 impl CoordinatorService {
+    /// Validates and submits one saga, as `SubmitSaga` and each item of `SubmitSagas` do.
+    async fn submit_one(
+        &self,
+        request: pb::SubmitSagaRequest,
+        trace: Option<TraceContext>,
+    ) -> Result<TxnId, Status> {
+        let mut request = saga::validate_submit_saga(request, &self.config, unix_now_ms())?;
+        request.trace = trace;
+        let span = tracing::info_span!(
+            "submit_saga",
+            saga = %request.saga,
+            trace_id = tracing::field::Empty
+        );
+        if let Some(trace) = &trace {
+            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+            crate::otel::link(&span, trace);
+        }
+        Ok(self.handle.submit_saga(request).instrument(span).await?)
+    }
+
     pub fn new(handle: CoordinatorHandle, config: CoordinatorConfig) -> Self {
         CoordinatorService { handle, config }
     }
@@ -395,22 +416,46 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::SubmitSagaRequest>,
     ) -> Result<Response<pb::SubmitSagaResponse>, Status> {
         let trace = incoming_trace(request.metadata());
-        let mut request =
-            saga::validate_submit_saga(request.into_inner(), &self.config, unix_now_ms())?;
-        request.trace = trace;
-        let span = tracing::info_span!(
-            "submit_saga",
-            saga = %request.saga,
-            trace_id = tracing::field::Empty
-        );
-        if let Some(trace) = &trace {
-            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
-            crate::otel::link(&span, trace);
-        }
-        let saga = self.handle.submit_saga(request).instrument(span).await?;
+        let saga = self.submit_one(request.into_inner(), trace).await?;
         Ok(Response::new(pb::SubmitSagaResponse {
             saga_id: saga.to_string(),
         }))
+    }
+
+    async fn submit_sagas(
+        &self,
+        request: Request<pb::SubmitSagasRequest>,
+    ) -> Result<Response<pb::SubmitSagasResponse>, Status> {
+        let items = request.into_inner().sagas;
+        if items.is_empty() || items.len() > CALL_BATCH_ITEMS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a SubmitSagas call carries 1 to {CALL_BATCH_ITEMS_MAX} sagas, not {}",
+                items.len()
+            )));
+        }
+        // Every item is submitted at once: they reach the runtime together, and one forced
+        // write covers all the accepted ones.
+        let results = futures::future::join_all(items.into_iter().map(|mut item| {
+            let traceparent = std::mem::take(&mut item.traceparent);
+            let trace =
+                TraceContext::from_incoming(Some(traceparent.as_str()).filter(|t| !t.is_empty()));
+            self.submit_one(item, trace)
+        }))
+        .await;
+        let results = results
+            .into_iter()
+            .map(|result| pb::SubmitSagaResult {
+                result: Some(match result {
+                    Ok(saga) => pb::submit_saga_result::Result::SagaId(saga.to_string()),
+                    Err(status) => pb::submit_saga_result::Result::Error(pb::CallError {
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                        details: status.details().to_vec(),
+                    }),
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::SubmitSagasResponse { results }))
     }
 
     async fn get_saga(
@@ -693,6 +738,7 @@ mod tests {
                 participant: participant.into(),
                 resource: "orders".into(),
             }),
+            ..Default::default()
         };
         let message = denied(saga::validate_submit_saga(
             saga(
