@@ -2,11 +2,14 @@
 //!
 //! The runtime only ever calls [`ParticipantTransport`]; tests plug in their own. The gRPC
 //! implementation keeps one lazily connected tonic channel per participant address (HTTP/2
-//! multiplexes every concurrent call over it) and bounds every call with a timeout.
+//! multiplexes every concurrent call over it) and bounds every call with a timeout. Saga step
+//! calls (actions and compensations) to one participant are carried in batches when several
+//! are in flight at once ([`step_batch`]); the runtime still sees one call and one answer per
+//! step.
 //!
 //! Every call carries its transaction's trace context, when it has one, as the W3C
 //! `traceparent` gRPC metadata entry ([`set_traceparent`]), so the participant's logs join the
-//! transaction's trace.
+//! transaction's trace; a batched step carries it in its item's `traceparent` field.
 //!
 //! Security ([`ParticipantSecurity`]): an `https://` participant is called over TLS, trusting
 //! the configured CA and, when a client identity is configured, presenting it (participants
@@ -15,10 +18,12 @@
 //! this configuration (`CoordinatorConfig::participant_tls`); the check here covers work
 //! recovered from the log that named another.
 
+mod step_batch;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_common::credentials::{BearerInterceptor, Token};
@@ -30,6 +35,9 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use crate::engine::saga::ActionAnswer;
 use crate::engine::types::{BranchTarget, Vote};
 use crate::runtime::SagaView;
+
+use step_batch::{StepBatcher, STEP_BATCH_ANSWER_BYTES_MAX};
+pub use step_batch::{STEP_BATCHES_IN_FLIGHT, STEP_BATCH_BYTES_BUDGET};
 
 /// Why a call to a participant got no usable answer. The coordinator cannot tell whether the
 /// participant acted on the request.
@@ -127,6 +135,8 @@ type ParticipantClient =
 /// The gRPC transport: `tandem.v1.Participant` over tonic.
 pub struct GrpcTransport {
     channels: Mutex<HashMap<String, Channel>>,
+    /// The step batching of each participant address (see [`step_batch`]).
+    batchers: Mutex<HashMap<String, Arc<StepBatcher>>>,
     tls: Option<ClientTlsConfig>,
     bearer: BearerInterceptor,
 }
@@ -146,6 +156,7 @@ impl GrpcTransport {
     pub fn with_security(security: ParticipantSecurity) -> Self {
         GrpcTransport {
             channels: Mutex::new(HashMap::new()),
+            batchers: Mutex::new(HashMap::new()),
             tls: security.tls,
             bearer: BearerInterceptor::new(security.token.as_ref()),
         }
@@ -181,6 +192,20 @@ impl GrpcTransport {
             channel,
             self.bearer.clone(),
         ))
+    }
+
+    /// The step batcher of `participant`, made on first use.
+    fn batcher(&self, participant: &str) -> Result<Arc<StepBatcher>, TransportError> {
+        let mut batchers = self.batchers.lock().unwrap();
+        if let Some(batcher) = batchers.get(participant) {
+            return Ok(batcher.clone());
+        }
+        let client = self
+            .client(participant)?
+            .max_decoding_message_size(STEP_BATCH_ANSWER_BYTES_MAX);
+        let batcher = StepBatcher::new(participant.to_string(), client);
+        batchers.insert(participant.to_string(), batcher.clone());
+        Ok(batcher)
     }
 }
 
@@ -253,41 +278,24 @@ impl ParticipantTransport for GrpcTransport {
     }
 
     fn act(&self, call: StepCall) -> CallFuture<ActionAnswer> {
-        let client = self.client(&call.target.participant);
+        let batcher = self.batcher(&call.target.participant);
         Box::pin(async move {
-            let mut client = client?;
-            let participant = call.target.participant.clone();
-            let request = step_request(call.clone());
-            let answer = bounded(call.timeout, &participant, "action", client.act(request))
-                .await?
-                .into_inner();
-            match pb::StepResult::try_from(answer.result) {
-                Ok(pb::StepResult::Succeeded) => Ok(ActionAnswer::Succeeded),
-                Ok(pb::StepResult::Failed) => Ok(ActionAnswer::Failed {
-                    reason: tandem_common::clip_text(answer.reason, REASON_BYTES_MAX),
-                }),
-                Ok(pb::StepResult::Unspecified) | Err(_) => Err(TransportError(format!(
-                    "{participant}: action answered without a result ({})",
-                    answer.result
-                ))),
+            let batcher = batcher?;
+            if batcher.unary_only() {
+                return unary_act(batcher.client(), call).await;
             }
+            batcher.act(call).await
         })
     }
 
     fn compensate(&self, call: StepCall) -> CallFuture<()> {
-        let client = self.client(&call.target.participant);
+        let batcher = self.batcher(&call.target.participant);
         Box::pin(async move {
-            let mut client = client?;
-            let participant = call.target.participant.clone();
-            let request = step_request(call.clone());
-            bounded(
-                call.timeout,
-                &participant,
-                "compensation",
-                client.compensate(request),
-            )
-            .await
-            .map(|_| ())
+            let batcher = batcher?;
+            if batcher.unary_only() {
+                return unary_compensate(batcher.client(), call).await;
+            }
+            batcher.compensate(call).await
         })
     }
 
@@ -315,17 +323,73 @@ impl ParticipantTransport for GrpcTransport {
     }
 }
 
-fn step_request(call: StepCall) -> tonic::Request<pb::StepRequest> {
-    let mut request = tonic::Request::new(pb::StepRequest {
+/// A step's message, without its trace context (a unary call carries it in metadata, a
+/// batch item in its `traceparent` field).
+fn step_message(call: &StepCall) -> pb::StepRequest {
+    pb::StepRequest {
         saga_id: call.saga.to_string(),
         step: call.step,
-        resource: call.target.resource,
-        payload: call.payload,
-        step_name: call.step_name,
-    });
+        resource: call.target.resource.clone(),
+        payload: call.payload.clone(),
+        step_name: call.step_name.clone(),
+        traceparent: String::new(),
+    }
+}
+
+/// A unary step call's request: the step, its timeout and its trace context.
+fn step_request(call: &StepCall) -> tonic::Request<pb::StepRequest> {
+    let mut request = tonic::Request::new(step_message(call));
     request.set_timeout(call.timeout);
     set_traceparent(&mut request, call.trace.as_ref());
     request
+}
+
+/// A step's action as one unary `Act` call.
+async fn unary_act(
+    mut client: ParticipantClient,
+    call: StepCall,
+) -> Result<ActionAnswer, TransportError> {
+    let participant = &call.target.participant;
+    let answer = bounded(
+        call.timeout,
+        participant,
+        "action",
+        client.act(step_request(&call)),
+    )
+    .await?
+    .into_inner();
+    act_answer(participant, answer)
+}
+
+/// A step's compensation as one unary `Compensate` call.
+async fn unary_compensate(
+    mut client: ParticipantClient,
+    call: StepCall,
+) -> Result<(), TransportError> {
+    let participant = &call.target.participant;
+    let request = step_request(&call);
+    bounded(
+        call.timeout,
+        participant,
+        "compensation",
+        client.compensate(request),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// What an action's answer means to the engine (a unary answer or a batch item's).
+fn act_answer(participant: &str, answer: pb::ActResponse) -> Result<ActionAnswer, TransportError> {
+    match pb::StepResult::try_from(answer.result) {
+        Ok(pb::StepResult::Succeeded) => Ok(ActionAnswer::Succeeded),
+        Ok(pb::StepResult::Failed) => Ok(ActionAnswer::Failed {
+            reason: tandem_common::clip_text(answer.reason, REASON_BYTES_MAX),
+        }),
+        Ok(pb::StepResult::Unspecified) | Err(_) => Err(TransportError(format!(
+            "{participant}: action answered without a result ({})",
+            answer.result
+        ))),
+    }
 }
 
 /// Puts `trace` into the request's metadata as W3C `traceparent`.
@@ -342,8 +406,25 @@ async fn bounded<T>(
     what: &str,
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<tonic::Response<T>, TransportError> {
+    bounded_status(timeout, participant, what, call)
+        .await?
+        .map_err(|s| status_error(participant, s))
+}
+
+/// Awaits a call for at most `timeout`, a timeout being a transport error; the call's status
+/// is left to the caller (a step batch reads UNIMPLEMENTED as "unary calls only").
+async fn bounded_status<T>(
+    timeout: Duration,
+    participant: &str,
+    what: &str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<Result<tonic::Response<T>, tonic::Status>, TransportError> {
     tokio::time::timeout(timeout, call)
         .await
-        .map_err(|_| TransportError(format!("{participant}: {what} timed out after {timeout:?}")))?
-        .map_err(|s| status_error(participant, s))
+        .map_err(|_| timed_out(participant, what, timeout))
+}
+
+/// The error of a call that got no answer within `timeout`.
+fn timed_out(participant: &str, what: &str, timeout: Duration) -> TransportError {
+    TransportError(format!("{participant}: {what} timed out after {timeout:?}"))
 }

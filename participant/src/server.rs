@@ -14,12 +14,24 @@
 //! the transaction id (`txn`, or `saga` and `step`), so the participant's logs join the
 //! transaction's trace.
 //!
+//! ## Step batches
+//!
+//! `ActBatch` and `CompensateBatch` carry many saga steps in one call (the coordinator sends
+//! them when several steps to this participant are in flight). Each item is exactly one
+//! `Act` or `Compensate`: it goes through the same validation and the same
+//! [`Participant::act`] or [`Participant::compensate`] as the unary call, all items at once,
+//! so they meet in the participant's transaction batch and share its flush. An item's error
+//! is that item's answer, not the batch's; its trace context is its own `traceparent` field.
+//! Only an empty batch or one of more than [`STEP_BATCH_ITEMS_MAX`] items is refused whole,
+//! and the server admits messages up to [`STEP_BATCH_BYTES_MAX`] so a full batch fits.
+//!
 //! ## Who may call
 //!
-//! Only the coordinator should prepare, commit, abort, act, compensate or report a finished
-//! saga. [`Participant::serve_with_security`] serves over TLS ([`ServeSecurity::tls`]; with a
-//! client CA, mutual TLS: a caller without a certificate that CA signed fails the handshake)
-//! and applies a [`CallerPolicy`] to those six calls before anything is read or written:
+//! Only the coordinator should prepare, commit, abort, act, compensate (one step or a batch)
+//! or report a finished saga. [`Participant::serve_with_security`] serves over TLS
+//! ([`ServeSecurity::tls`]; with a client CA, mutual TLS: a caller without a certificate that
+//! CA signed fails the handshake) and applies a [`CallerPolicy`] to those eight calls before
+//! anything is read or written:
 //! - with a coordinator identity, the caller's certificate must name it (a DNS name in its
 //!   subject alternative names): no certificate is UNAUTHENTICATED, another name is
 //!   PERMISSION_DENIED. That the certificate chains to the configured CA is the handshake's
@@ -36,7 +48,7 @@ use std::sync::Arc;
 
 use tandem_common::credentials::{self, TokenSet};
 use tandem_common::trace_context::TRACEPARENT;
-use tandem_common::{BranchIdx, TraceContext, TxnId};
+use tandem_common::{BranchIdx, TraceContext, TxnId, STEP_BATCH_ITEMS_MAX};
 use tandem_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -60,6 +72,15 @@ pub const COORDINATOR_ADDR_LEN_MAX: usize = 256;
 pub const STEP_NAME_LEN_MAX: usize = 64;
 /// Longest saga step or callback handler name accepted, in bytes.
 pub const HANDLER_NAME_LEN_MAX: usize = 128;
+/// What a step batch's item may take beyond its payload, in bytes: a saga id (at most
+/// `TXN_ID_LEN_MAX`, 78), a handler and a step name (192), a `traceparent` (55) and the
+/// protobuf framing, with room to spare.
+const STEP_ITEM_OVERHEAD_BYTES: usize = 1024;
+/// Largest request message the endpoint decodes, in bytes: a step batch of
+/// [`STEP_BATCH_ITEMS_MAX`] items, each with a payload of [`PAYLOAD_BYTES_MAX`] (about 33 MiB).
+/// Every unary request is far smaller.
+pub const STEP_BATCH_BYTES_MAX: usize =
+    STEP_BATCH_ITEMS_MAX * (PAYLOAD_BYTES_MAX + STEP_ITEM_OVERHEAD_BYTES);
 
 /// The gRPC service wrapping a [`Participant`].
 pub struct ParticipantService {
@@ -216,6 +237,55 @@ fn incoming_trace<T>(request: &Request<T>) -> Option<TraceContext> {
     )
 }
 
+/// The trace context of one step: the call's metadata (a unary call), else the step's own
+/// `traceparent` field (a batch's item).
+fn step_trace(metadata: Option<TraceContext>, request: &pb::StepRequest) -> Option<TraceContext> {
+    metadata.or_else(|| {
+        (!request.traceparent.is_empty())
+            .then(|| TraceContext::from_incoming(Some(&request.traceparent)))
+            .flatten()
+    })
+}
+
+/// A step batch's items, refused whole when there are none or too many.
+fn batch_items(request: pb::StepBatchRequest) -> Result<Vec<pb::StepRequest>, Status> {
+    match request.steps.len() {
+        0 => Err(Status::invalid_argument(
+            "a step batch carries at least one step",
+        )),
+        n if n > STEP_BATCH_ITEMS_MAX => Err(Status::invalid_argument(format!(
+            "a step batch carries {n} steps; at most {STEP_BATCH_ITEMS_MAX} are allowed"
+        ))),
+        _ => Ok(request.steps),
+    }
+}
+
+/// An item's error as a batch answers it: the status the unary call would have returned.
+fn step_error(status: Status) -> pb::StepError {
+    pb::StepError {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+    }
+}
+
+/// An `ActBatch` item answering what `Act` answered (`answer`).
+pub fn act_batch_item(answer: Result<pb::ActResponse, Status>) -> pb::ActBatchItem {
+    let answer = match answer {
+        Ok(done) => pb::act_batch_item::Answer::Done(done),
+        Err(status) => pb::act_batch_item::Answer::Error(step_error(status)),
+    };
+    pb::ActBatchItem {
+        answer: Some(answer),
+    }
+}
+
+/// A `CompensateBatch` item answering what `Compensate` answered (`answer`).
+pub fn compensate_batch_item(answer: Result<(), Status>) -> pb::CompensateBatchItem {
+    pb::CompensateBatchItem {
+        error: answer.err().map(step_error),
+    }
+}
+
 /// Puts the call's trace id on `span` (declared with `trace_id = Empty`) and returns it.
 fn traced(span: tracing::Span, trace: Option<TraceContext>) -> tracing::Span {
     if let Some(trace) = trace {
@@ -362,24 +432,9 @@ impl pb::participant_server::Participant for ParticipantService {
     ) -> Result<Response<pb::ActResponse>, Status> {
         self.callers.check(&request)?;
         let trace = incoming_trace(&request);
-        let (ctx, payload) = step_request(request.into_inner())?;
-        let span = tracing::debug_span!("act_call", saga = %ctx.saga, step = ctx.step, trace_id = tracing::field::Empty);
-        let span = traced(span, trace);
-        // The participant's calls open their own spans too (with the step's name).
-        let outcome = self
-            .participant
-            .act(&ctx, &payload)
-            .instrument(span)
-            .await
-            .map_err(|e| e.to_status())?;
-        let (result, reason) = match outcome {
-            StepOutcome::Succeeded => (pb::StepResult::Succeeded, String::new()),
-            StepOutcome::Failed { reason } => (pb::StepResult::Failed, reason),
-        };
-        Ok(Response::new(pb::ActResponse {
-            result: result as i32,
-            reason,
-        }))
+        let request = request.into_inner();
+        let trace = step_trace(trace, &request);
+        self.act_step(request, trace).await.map(Response::new)
     }
 
     async fn compensate(
@@ -388,15 +443,34 @@ impl pb::participant_server::Participant for ParticipantService {
     ) -> Result<Response<pb::CompensateResponse>, Status> {
         self.callers.check(&request)?;
         let trace = incoming_trace(&request);
-        let (ctx, payload) = step_request(request.into_inner())?;
-        let span = tracing::debug_span!("compensate_call", saga = %ctx.saga, step = ctx.step, trace_id = tracing::field::Empty);
-        let span = traced(span, trace);
-        self.participant
-            .compensate(&ctx, &payload)
-            .instrument(span)
-            .await
-            .map_err(|e| e.to_status())?;
+        let request = request.into_inner();
+        let trace = step_trace(trace, &request);
+        self.compensate_step(request, trace).await?;
         Ok(Response::new(pb::CompensateResponse {}))
+    }
+
+    async fn act_batch(
+        &self,
+        request: Request<pb::StepBatchRequest>,
+    ) -> Result<Response<pb::ActBatchResponse>, Status> {
+        let answers = self
+            .run_batch(request, "act", |step, trace| self.act_step(step, trace))
+            .await?;
+        let items = answers.into_iter().map(act_batch_item).collect();
+        Ok(Response::new(pb::ActBatchResponse { items }))
+    }
+
+    async fn compensate_batch(
+        &self,
+        request: Request<pb::StepBatchRequest>,
+    ) -> Result<Response<pb::CompensateBatchResponse>, Status> {
+        let answers = self
+            .run_batch(request, "compensate", |step, trace| {
+                self.compensate_step(step, trace)
+            })
+            .await?;
+        let items = answers.into_iter().map(compensate_batch_item).collect();
+        Ok(Response::new(pb::CompensateBatchResponse { items }))
     }
 
     async fn saga_finished(
@@ -418,6 +492,70 @@ impl pb::participant_server::Participant for ParticipantService {
 }
 
 impl ParticipantService {
+    /// Runs every item of a step batch through `run` (the unary call's path), all at once,
+    /// each with its own trace context; answers by index. The caller policy and the batch's
+    /// size are checked first: they refuse the batch whole.
+    async fn run_batch<T, F>(
+        &self,
+        request: Request<pb::StepBatchRequest>,
+        call: &'static str,
+        run: impl Fn(pb::StepRequest, Option<TraceContext>) -> F,
+    ) -> Result<Vec<Result<T, Status>>, Status>
+    where
+        F: Future<Output = Result<T, Status>>,
+    {
+        self.callers.check(&request)?;
+        let steps = batch_items(request.into_inner())?;
+        let span = tracing::debug_span!("step_batch", call, items = steps.len());
+        let answers = futures::future::join_all(steps.into_iter().map(|step| {
+            let trace = step_trace(None, &step);
+            run(step, trace)
+        }));
+        Ok(answers.instrument(span).await)
+    }
+
+    /// One step's action, as `Act` and every item of `ActBatch` run it.
+    async fn act_step(
+        &self,
+        request: pb::StepRequest,
+        trace: Option<TraceContext>,
+    ) -> Result<pb::ActResponse, Status> {
+        let (ctx, payload) = step_request(request)?;
+        let span = tracing::debug_span!("act_call", saga = %ctx.saga, step = ctx.step, trace_id = tracing::field::Empty);
+        let span = traced(span, trace);
+        // The participant's calls open their own spans too (with the step's name).
+        let outcome = self
+            .participant
+            .act(&ctx, &payload)
+            .instrument(span)
+            .await
+            .map_err(|e| e.to_status())?;
+        let (result, reason) = match outcome {
+            StepOutcome::Succeeded => (pb::StepResult::Succeeded, String::new()),
+            StepOutcome::Failed { reason } => (pb::StepResult::Failed, reason),
+        };
+        Ok(pb::ActResponse {
+            result: result as i32,
+            reason,
+        })
+    }
+
+    /// One step's compensation, as `Compensate` and every item of `CompensateBatch` run it.
+    async fn compensate_step(
+        &self,
+        request: pb::StepRequest,
+        trace: Option<TraceContext>,
+    ) -> Result<(), Status> {
+        let (ctx, payload) = step_request(request)?;
+        let span = tracing::debug_span!("compensate_call", saga = %ctx.saga, step = ctx.step, trace_id = tracing::field::Empty);
+        let span = traced(span, trace);
+        self.participant
+            .compensate(&ctx, &payload)
+            .instrument(span)
+            .await
+            .map_err(|e| e.to_status())
+    }
+
     async fn decide(
         &self,
         request: pb::DecisionRequest,
@@ -452,6 +590,7 @@ impl Participant {
             participant: self.clone(),
             callers: Arc::new(callers),
         })
+        .max_decoding_message_size(STEP_BATCH_BYTES_MAX)
     }
 
     /// Hosts the endpoint on `listener` (plaintext, every caller accepted) and runs the
@@ -512,6 +651,7 @@ impl Participant {
 mod tests {
     use super::*;
     use crate::bank;
+    use crate::saga_barrier::StepRecord;
     use pb::participant_server::Participant as _;
     use tonic::Code;
 
@@ -524,6 +664,7 @@ mod tests {
             resource: resource.into(),
             payload,
             step_name: format!("s{step}"),
+            traceparent: String::new(),
         })
     }
 
@@ -710,6 +851,286 @@ mod tests {
         assert_eq!(
             bank::saga_callbacks(service.participant.db()).unwrap()[SAGA].calls,
             1
+        );
+    }
+
+    /// One step of saga `saga` (an action's or a compensation's request).
+    fn item(saga: &str, step: u32, resource: &str, payload: Vec<u8>) -> pb::StepRequest {
+        pb::StepRequest {
+            saga_id: saga.into(),
+            step,
+            resource: resource.into(),
+            payload,
+            step_name: format!("s{step}"),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        }
+    }
+
+    fn batch(steps: Vec<pb::StepRequest>) -> Request<pb::StepBatchRequest> {
+        Request::new(pb::StepBatchRequest { steps })
+    }
+
+    /// Runs `steps` as unary `Act` calls, one after another, answered in a batch's form.
+    async fn unary_acts(
+        service: &ParticipantService,
+        steps: &[pb::StepRequest],
+    ) -> Vec<pb::ActBatchItem> {
+        let mut items = Vec::new();
+        for step in steps {
+            let answer = service.act(Request::new(step.clone())).await;
+            items.push(act_batch_item(answer.map(Response::into_inner)));
+        }
+        items
+    }
+
+    /// Runs `steps` as unary `Compensate` calls, one after another, answered in a batch's form.
+    async fn unary_compensations(
+        service: &ParticipantService,
+        steps: &[pb::StepRequest],
+    ) -> Vec<pb::CompensateBatchItem> {
+        let mut items = Vec::new();
+        for step in steps {
+            let answer = service.compensate(Request::new(step.clone())).await;
+            items.push(compensate_batch_item(answer.map(|_| ())));
+        }
+        items
+    }
+
+    /// A step record with its times cleared, to compare two participants' records.
+    fn timeless(record: Option<StepRecord>) -> Option<StepRecord> {
+        record.map(|record| match record {
+            StepRecord::ActionSucceeded { resource, .. } => StepRecord::ActionSucceeded {
+                resource,
+                acted_ms: 0,
+            },
+            StepRecord::ActionFailed {
+                resource, reason, ..
+            } => StepRecord::ActionFailed {
+                resource,
+                reason,
+                acted_ms: 0,
+            },
+            StepRecord::Compensated { action_applied, .. } => StepRecord::Compensated {
+                action_applied,
+                compensated_ms: 0,
+            },
+        })
+    }
+
+    fn error_code(code: Code) -> Option<i32> {
+        Some(code as i32)
+    }
+
+    fn act_error_code(item: &pb::ActBatchItem) -> Option<i32> {
+        match &item.answer {
+            Some(pb::act_batch_item::Answer::Error(e)) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    fn act_done(item: &pb::ActBatchItem) -> Option<&pb::ActResponse> {
+        match &item.answer {
+            Some(pb::act_batch_item::Answer::Done(done)) => Some(done),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_batch_answers_each_item_as_the_unary_calls_would_and_leaves_the_same_state() {
+        const EARLIER: &str = "1763850000000-earlier";
+        const TRANSFER: &str = "1763850000000-transfer";
+        const LATE: &str = "1763850000000-late";
+        let (unary_dir, batch_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let unary = service(unary_dir.path()).await;
+        let batched = service(batch_dir.path()).await;
+        // Before the batches, on both: an action whose repeat must return the recorded result.
+        let earlier = item(EARLIER, 0, bank::SAGA_STEP, op(true, "alice", 10));
+        for service in [&unary, &batched] {
+            let answer = service.act(Request::new(earlier.clone())).await.unwrap();
+            assert_eq!(answer.get_ref().result, pb::StepResult::Succeeded as i32);
+        }
+
+        // A compensation before its action (recorded, doing nothing), a malformed item and
+        // an unknown handler.
+        let mut bad_id = item(LATE, 1, bank::SAGA_STEP, op(false, "alice", 1));
+        bad_id.saga_id = "not-an-id".into();
+        let first_compensations = vec![
+            item(LATE, 0, bank::SAGA_STEP, op(false, "alice", 1)),
+            bad_id,
+            item(LATE, 2, "nope", vec![]),
+        ];
+        // A success, a business failure, a malformed item, a repeat, an unknown handler and
+        // the late action of a compensated step.
+        let mut oversized = item(
+            TRANSFER,
+            3,
+            bank::SAGA_STEP,
+            vec![b' '; PAYLOAD_BYTES_MAX + 1],
+        );
+        oversized.step_name = "big".into();
+        let actions = vec![
+            item(TRANSFER, 0, bank::SAGA_STEP, op(true, "alice", 5)),
+            item(TRANSFER, 1, bank::SAGA_STEP, op(false, "bob", 5)),
+            oversized,
+            earlier.clone(),
+            item(TRANSFER, 2, "nope", op(true, "alice", 1)),
+            item(LATE, 0, bank::SAGA_STEP, op(true, "alice", 1)),
+        ];
+        // Undoing the transfer's steps: a succeeded action and a failed one.
+        let last_compensations = vec![
+            item(TRANSFER, 0, bank::SAGA_STEP, op(false, "alice", 5)),
+            item(TRANSFER, 1, bank::SAGA_STEP, op(true, "bob", 5)),
+        ];
+
+        let batch_answer = batched
+            .compensate_batch(batch(first_compensations.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        let unary_answer = unary_compensations(&unary, &first_compensations).await;
+        assert_eq!(batch_answer, unary_answer);
+        let codes: Vec<Option<i32>> = batch_answer
+            .iter()
+            .map(|i| i.error.as_ref().map(|e| e.code))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                None,
+                error_code(Code::InvalidArgument),
+                error_code(Code::NotFound)
+            ]
+        );
+
+        let batch_answer = batched
+            .act_batch(batch(actions.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        let unary_answer = unary_acts(&unary, &actions).await;
+        assert_eq!(batch_answer, unary_answer);
+        assert_eq!(batch_answer.len(), actions.len());
+        let succeeded = pb::StepResult::Succeeded as i32;
+        let failed = pb::StepResult::Failed as i32;
+        assert_eq!(act_done(&batch_answer[0]).unwrap().result, succeeded);
+        let refused = act_done(&batch_answer[1]).unwrap();
+        assert_eq!(refused.result, failed);
+        assert!(refused.reason.contains("closed"), "{refused:?}");
+        assert_eq!(
+            act_error_code(&batch_answer[2]),
+            error_code(Code::InvalidArgument)
+        );
+        assert_eq!(act_done(&batch_answer[3]).unwrap().result, succeeded);
+        assert_eq!(act_error_code(&batch_answer[4]), error_code(Code::NotFound));
+        let late = act_done(&batch_answer[5]).unwrap();
+        assert_eq!((late.result, late.reason.as_str()), (failed, "compensated"));
+
+        let batch_answer = batched
+            .compensate_batch(batch(last_compensations.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        assert_eq!(
+            batch_answer,
+            unary_compensations(&unary, &last_compensations).await
+        );
+        assert!(
+            batch_answer.iter().all(|i| i.error.is_none()),
+            "{batch_answer:?}"
+        );
+
+        // The same state on disk: the service's data and every step's barrier record.
+        let accounts = bank::accounts(batched.participant.db()).unwrap();
+        assert_eq!(accounts, bank::accounts(unary.participant.db()).unwrap());
+        assert_eq!(
+            bank::balances(batched.participant.db()).unwrap()["alice"],
+            90,
+            "only the earlier saga's debit stays (the transfer was undone): {accounts:?}"
+        );
+        for (saga, steps) in [(EARLIER, 0..1), (TRANSFER, 0..4), (LATE, 0..3)] {
+            let saga = TxnId::parse(saga).unwrap();
+            for step in steps {
+                let record = timeless(batched.participant.step_record(&saga, step).unwrap());
+                assert_eq!(
+                    record,
+                    timeless(unary.participant.step_record(&saga, step).unwrap()),
+                    "saga {saga} step {step}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn step_batches_that_are_empty_or_too_large_are_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path()).await;
+        let too_many: Vec<pb::StepRequest> = (0..=STEP_BATCH_ITEMS_MAX as u32)
+            .map(|step| item(SAGA, step, bank::SAGA_STEP, op(true, "alice", 1)))
+            .collect();
+        for steps in [Vec::new(), too_many] {
+            let what = format!("a batch of {} steps", steps.len());
+            let status = service.act_batch(batch(steps.clone())).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+            let status = service.compensate_batch(batch(steps)).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        }
+        let saga = TxnId::parse(SAGA).unwrap();
+        assert_eq!(service.participant.step_record(&saga, 0).unwrap(), None);
+        assert_eq!(
+            bank::balances(service.participant.db()).unwrap()["alice"],
+            100
+        );
+    }
+
+    #[tokio::test]
+    async fn step_batches_from_a_caller_the_policy_refuses_are_unauthenticated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut service = service(dir.path()).await;
+        let token = tandem_common::credentials::Token::parse("coordinator-secret-0123").unwrap();
+        service.callers = Arc::new(
+            CallerPolicy::default().coordinator_tokens(TokenSet::single("coordinator", &token)),
+        );
+        let steps = || vec![item(SAGA, 0, bank::SAGA_STEP, op(true, "alice", 10))];
+        let with = |token: Option<&str>| {
+            let mut request = batch(steps());
+            if let Some(token) = token {
+                let value = format!("Bearer {token}").parse().unwrap();
+                request.metadata_mut().insert("authorization", value);
+            }
+            request
+        };
+        for presented in [None, Some("someone-else-0123456789")] {
+            let status = service.act_batch(with(presented)).await.unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::Unauthenticated,
+                "{presented:?}: {status:?}"
+            );
+            let status = service.compensate_batch(with(presented)).await.unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::Unauthenticated,
+                "{presented:?}: {status:?}"
+            );
+        }
+        let saga = TxnId::parse(SAGA).unwrap();
+        assert_eq!(service.participant.step_record(&saga, 0).unwrap(), None);
+        // The coordinator's token is served.
+        let answer = service
+            .act_batch(with(Some("coordinator-secret-0123")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            act_done(&answer.items[0]).map(|done| done.result),
+            Some(pb::StepResult::Succeeded as i32)
+        );
+        assert_eq!(
+            bank::balances(service.participant.db()).unwrap()["alice"],
+            90
         );
     }
 }

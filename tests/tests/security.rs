@@ -514,6 +514,10 @@ async fn a_participant_refuses_callers_that_are_not_the_coordinator() {
         resource: bank::SAGA_STEP.into(),
         payload: debit(amount).action,
         step_name: "debit".into(),
+        traceparent: String::new(),
+    };
+    let act_batch = |saga_id: String, amount| pb::StepBatchRequest {
+        steps: vec![act(saga_id, amount)],
     };
     let prepare = |txn_id: String| pb::PrepareRequest {
         txn_id,
@@ -533,6 +537,15 @@ async fn a_participant_refuses_callers_that_are_not_the_coordinator() {
             .act(with_token(act(saga(identity), 10), token))
             .await
             .expect_err("an action from a caller that is not the coordinator");
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{identity}: {status:?}"
+        );
+        let status = caller
+            .act_batch(with_token(act_batch(saga(identity), 10), token))
+            .await
+            .expect_err("a step batch from a caller that is not the coordinator");
         assert_eq!(
             status.code(),
             Code::PermissionDenied,
@@ -571,6 +584,15 @@ async fn a_participant_refuses_callers_that_are_not_the_coordinator() {
             .act(with_token(act(saga("tokenless"), 10), token))
             .await
             .expect_err("an action without the coordinator's token");
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "token {token:?}: {status:?}"
+        );
+        let status = coordinator
+            .compensate_batch(with_token(act_batch(saga("tokenless"), 10), token))
+            .await
+            .expect_err("a compensation batch without the coordinator's token");
         assert_eq!(
             status.code(),
             Code::Unauthenticated,
