@@ -175,11 +175,11 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
+    /// Every batch a test server was sent, in order.
+    type Sent = Arc<Mutex<Vec<Vec<u32>>>>;
+
     /// A batcher whose server doubles each item after `delay`, recording every batch.
-    fn doubling(
-        limits: BatchLimits,
-        delay: Duration,
-    ) -> (CallBatcher<u32, u32>, Arc<Mutex<Vec<Vec<u32>>>>) {
+    fn doubling(limits: BatchLimits, delay: Duration) -> (CallBatcher<u32, u32>, Sent) {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let seen = batches.clone();
         let batcher = CallBatcher::new(
