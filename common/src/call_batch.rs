@@ -23,7 +23,10 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-/// Most items one batched call carries (`SubmitSagas`, the participants' step batches).
+/// Most items one batched call carries (`SubmitSagas`, the participants' `ActBatch` and
+/// `CompensateBatch`); a server refuses a larger call with INVALID_ARGUMENT. It matches the
+/// participant's transaction batch (512 calls), so that a full step batch can land in one sled
+/// transaction and one flush.
 pub const CALL_BATCH_ITEMS_MAX: usize = 512;
 /// The bytes a sender fills one batched call up to; an item larger than this goes alone.
 pub const CALL_BATCH_BYTES_TARGET: usize = 1024 * 1024;
@@ -109,7 +112,8 @@ impl<I: Send + 'static, A: Send + 'static> CallBatcher<I, A> {
     }
 
     /// Sends `item` in the next batch and returns its answer. `None` only if the batch's call
-    /// was dropped without answering (its task panicked).
+    /// was dropped without answering (its task panicked). A caller that stops waiting (drops
+    /// this future) before its item left takes the item back: it is never sent.
     pub async fn call(&self, item: I) -> Option<A> {
         let (reply, answer) = oneshot::channel();
         let start_sender = {
@@ -148,6 +152,12 @@ impl<I: Send + 'static, A: Send + 'static> Inner<I, A> {
     /// under the same lock, so an item queued later always finds a sender to start).
     fn take(&self) -> Taken<I, A> {
         let mut queue = self.queue.lock().expect("batch queue lock");
+        if queue.items.is_empty() {
+            queue.senders -= 1;
+            return None;
+        }
+        // An item whose caller stopped waiting (its own timeout passed) is not sent at all.
+        queue.items.retain(|(_, reply)| !reply.is_closed());
         if queue.items.is_empty() {
             queue.senders -= 1;
             return None;
@@ -292,5 +302,24 @@ mod tests {
         );
         // The queue drained: a later call finds a sender again.
         assert_eq!(batcher.call(7).await, Some(7));
+    }
+
+    #[tokio::test]
+    async fn an_item_whose_caller_stopped_waiting_before_it_left_is_not_sent() {
+        let limits = BatchLimits {
+            in_flight_max: 1,
+            ..BatchLimits::default()
+        };
+        let (batcher, batches) = doubling(limits, Duration::from_millis(50));
+        let busy = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.call(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await; // the first batch is out
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), batcher.call(2)).await;
+        assert!(gave_up.is_err(), "the second call is still queued");
+        assert_eq!(busy.await.unwrap(), Some(2));
+        assert_eq!(batcher.call(3).await, Some(6));
+        assert_eq!(*batches.lock().unwrap(), vec![vec![1], vec![3]]);
     }
 }

@@ -86,12 +86,6 @@ pub fn unix_now_ms() -> u64 {
 /// below that, so all of them live in the one data file that [`GroupCommit`] fdatasyncs.
 pub const RECORD_BYTES_MAX: usize = 96 * 1024;
 
-/// Most saga steps one `ActBatch` or `CompensateBatch` call carries. The coordinator never
-/// sends more; a participant refuses a larger batch with INVALID_ARGUMENT. It matches the
-/// participant's transaction batch (512 calls), so that a full step batch can land in one
-/// sled transaction and one flush.
-pub const STEP_BATCH_ITEMS_MAX: usize = 512;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -462,11 +462,7 @@ async fn submit_batch(
 fn submit_result(result: pb::SubmitSagaResult) -> Result<String, tonic::Status> {
     match result.result {
         Some(pb::submit_saga_result::Result::SagaId(id)) => Ok(id),
-        Some(pb::submit_saga_result::Result::Error(e)) => Err(tonic::Status::with_details(
-            tonic::Code::from(e.code),
-            e.message,
-            e.details.into(),
-        )),
+        Some(pb::submit_saga_result::Result::Error(e)) => Err(e.into()),
         None => Err(tonic::Status::internal(
             "the coordinator answered a submitted saga without a result",
         )),
@@ -1052,11 +1048,7 @@ mod tests {
                         "busy",
                         ErrorDetails::with_retry_info(Some(Duration::from_millis(10))),
                     );
-                    pb::submit_saga_result::Result::Error(pb::CallError {
-                        code: busy.code() as i32,
-                        message: busy.message().into(),
-                        details: busy.details().to_vec(),
-                    })
+                    pb::submit_saga_result::Result::Error((&busy).into())
                 } else {
                     pb::submit_saga_result::Result::SagaId(saga_id)
                 };

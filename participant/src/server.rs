@@ -22,7 +22,7 @@
 //! [`Participant::act`] or [`Participant::compensate`] as the unary call, all items at once,
 //! so they meet in the participant's transaction batch and share its flush. An item's error
 //! is that item's answer, not the batch's; its trace context is its own `traceparent` field.
-//! Only an empty batch or one of more than [`STEP_BATCH_ITEMS_MAX`] items is refused whole,
+//! Only an empty batch or one of more than [`CALL_BATCH_ITEMS_MAX`] items is refused whole,
 //! and the server admits messages up to [`STEP_BATCH_BYTES_MAX`] so a full batch fits.
 //!
 //! ## Who may call
@@ -46,9 +46,10 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
+use tandem_common::call_batch::CALL_BATCH_ITEMS_MAX;
 use tandem_common::credentials::{self, TokenSet};
 use tandem_common::trace_context::TRACEPARENT;
-use tandem_common::{BranchIdx, TraceContext, TxnId, STEP_BATCH_ITEMS_MAX};
+use tandem_common::{BranchIdx, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -77,10 +78,10 @@ pub const HANDLER_NAME_LEN_MAX: usize = 128;
 /// protobuf framing, with room to spare.
 const STEP_ITEM_OVERHEAD_BYTES: usize = 1024;
 /// Largest request message the endpoint decodes, in bytes: a step batch of
-/// [`STEP_BATCH_ITEMS_MAX`] items, each with a payload of [`PAYLOAD_BYTES_MAX`] (about 33 MiB).
+/// [`CALL_BATCH_ITEMS_MAX`] items, each with a payload of [`PAYLOAD_BYTES_MAX`] (about 33 MiB).
 /// Every unary request is far smaller.
 pub const STEP_BATCH_BYTES_MAX: usize =
-    STEP_BATCH_ITEMS_MAX * (PAYLOAD_BYTES_MAX + STEP_ITEM_OVERHEAD_BYTES);
+    CALL_BATCH_ITEMS_MAX * (PAYLOAD_BYTES_MAX + STEP_ITEM_OVERHEAD_BYTES);
 
 /// The gRPC service wrapping a [`Participant`].
 pub struct ParticipantService {
@@ -253,18 +254,10 @@ fn batch_items(request: pb::StepBatchRequest) -> Result<Vec<pb::StepRequest>, St
         0 => Err(Status::invalid_argument(
             "a step batch carries at least one step",
         )),
-        n if n > STEP_BATCH_ITEMS_MAX => Err(Status::invalid_argument(format!(
-            "a step batch carries {n} steps; at most {STEP_BATCH_ITEMS_MAX} are allowed"
+        n if n > CALL_BATCH_ITEMS_MAX => Err(Status::invalid_argument(format!(
+            "a step batch carries {n} steps; at most {CALL_BATCH_ITEMS_MAX} are allowed"
         ))),
         _ => Ok(request.steps),
-    }
-}
-
-/// An item's error as a batch answers it: the status the unary call would have returned.
-fn step_error(status: Status) -> pb::StepError {
-    pb::StepError {
-        code: status.code() as i32,
-        message: status.message().to_string(),
     }
 }
 
@@ -272,7 +265,7 @@ fn step_error(status: Status) -> pb::StepError {
 pub fn act_batch_item(answer: Result<pb::ActResponse, Status>) -> pb::ActBatchItem {
     let answer = match answer {
         Ok(done) => pb::act_batch_item::Answer::Done(done),
-        Err(status) => pb::act_batch_item::Answer::Error(step_error(status)),
+        Err(status) => pb::act_batch_item::Answer::Error(pb::CallError::from(&status)),
     };
     pb::ActBatchItem {
         answer: Some(answer),
@@ -282,7 +275,7 @@ pub fn act_batch_item(answer: Result<pb::ActResponse, Status>) -> pb::ActBatchIt
 /// A `CompensateBatch` item answering what `Compensate` answered (`answer`).
 pub fn compensate_batch_item(answer: Result<(), Status>) -> pb::CompensateBatchItem {
     pb::CompensateBatchItem {
-        error: answer.err().map(step_error),
+        error: answer.err().map(|status| pb::CallError::from(&status)),
     }
 }
 
@@ -1067,7 +1060,7 @@ mod tests {
     async fn step_batches_that_are_empty_or_too_large_are_refused_whole() {
         let dir = tempfile::tempdir().unwrap();
         let service = service(dir.path()).await;
-        let too_many: Vec<pb::StepRequest> = (0..=STEP_BATCH_ITEMS_MAX as u32)
+        let too_many: Vec<pb::StepRequest> = (0..=CALL_BATCH_ITEMS_MAX as u32)
             .map(|step| item(SAGA, step, bank::SAGA_STEP, op(true, "alice", 1)))
             .collect();
         for steps in [Vec::new(), too_many] {

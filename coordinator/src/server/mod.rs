@@ -447,11 +447,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .map(|result| pb::SubmitSagaResult {
                 result: Some(match result {
                     Ok(saga) => pb::submit_saga_result::Result::SagaId(saga.to_string()),
-                    Err(status) => pb::submit_saga_result::Result::Error(pb::CallError {
-                        code: status.code() as i32,
-                        message: status.message().to_string(),
-                        details: status.details().to_vec(),
-                    }),
+                    Err(status) => pb::submit_saga_result::Result::Error((&status).into()),
                 }),
             })
             .collect();

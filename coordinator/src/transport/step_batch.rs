@@ -4,14 +4,13 @@
 //! Every unary call costs the coordinator a client future, a timeout and HTTP/2 stream
 //! machinery, and the participant a server call; under load tens of steps are in flight to
 //! the same participant at once. A [`StepBatcher`] (one per participant address) pays that
-//! cost once per batch, in the group-commit style: a call is queued; while fewer than
-//! [`STEP_BATCHES_IN_FLIGHT`] batch RPCs are in flight to the participant, a sender takes
-//! everything queued (at most [`STEP_BATCH_ITEMS_MAX`] items and about
-//! [`STEP_BATCH_BYTES_BUDGET`] bytes, always at least one item), sends it as one RPC, and
-//! loops while calls are queued. With nothing in flight a call leaves at once, alone: batching
-//! adds no latency, it only groups the calls that queue while earlier batches are out.
-//! Actions and compensations never share a batch (they are different RPCs); the next batch is
-//! of the kind whose oldest call has waited longest.
+//! cost once per batch: its two [`CallBatcher`]s (the group-commit pattern of
+//! `tandem_common::call_batch`, one for actions and one for compensations, which are
+//! different RPCs) keep at most [`STEP_BATCHES_IN_FLIGHT`] batches each on their way and
+//! fill each with what queued meanwhile (at most `CALL_BATCH_ITEMS_MAX` items and about
+//! [`STEP_BATCH_BYTES_BUDGET`] bytes). With nothing in flight a call leaves at once, alone:
+//! batching adds no latency, it only groups the calls that queue while earlier batches are
+//! out.
 //!
 //! What a caller sees is exactly what the unary call gives:
 //! - its own timeout: the caller's future resolves with the unary call's "timed out" error
@@ -28,13 +27,12 @@
 //! A participant upgraded while this coordinator runs keeps getting unary calls until the
 //! coordinator restarts.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_common::STEP_BATCH_ITEMS_MAX;
+use tandem_common::call_batch::{BatchLimits, CallBatcher, CALL_BATCH_ITEMS_MAX};
 use tandem_proto::v1 as pb;
-use tokio::sync::oneshot;
 
 use super::{
     act_answer, bounded_status, status_error, step_message, timed_out, unary_act, unary_compensate,
@@ -42,7 +40,7 @@ use super::{
 };
 use crate::engine::saga::ActionAnswer;
 
-/// Most batch RPCs in flight to one participant at once.
+/// Most batch RPCs of one kind in flight to one participant at once.
 ///
 /// Three, because a participant answers a batch only once its writes are flushed, and its
 /// flusher runs one flush at a time: with one batch being flushed and one queued behind it at
@@ -60,7 +58,7 @@ pub const STEP_BATCH_BYTES_BUDGET: usize = 1024 * 1024;
 /// Largest batch answer accepted, in bytes: every item may carry a reason or an error
 /// message of its own, which participants do not bound (each is clipped to
 /// `REASON_BYTES_MAX` once decoded).
-pub(super) const STEP_BATCH_ANSWER_BYTES_MAX: usize = STEP_BATCH_ITEMS_MAX * 64 * 1024;
+pub(super) const STEP_BATCH_ANSWER_BYTES_MAX: usize = CALL_BATCH_ITEMS_MAX * 64 * 1024;
 
 /// What a step weighs in a batch beside its payload, names and id: the `traceparent` (55
 /// bytes) and the protobuf framing.
@@ -83,55 +81,56 @@ impl StepKind {
     }
 }
 
-/// One queued call and where its answer goes.
-struct Queued<T> {
-    /// Arrival order, across both queues.
-    seq: u64,
-    call: StepCall,
-    reply: oneshot::Sender<Result<T, TransportError>>,
-}
-
-/// The calls one batch carries, of one kind.
-enum Batch {
-    Actions(Vec<Queued<ActionAnswer>>),
-    Compensations(Vec<Queued<()>>),
-}
-
-#[derive(Default)]
-struct State {
-    actions: VecDeque<Queued<ActionAnswer>>,
-    compensations: VecDeque<Queued<()>>,
-    next_seq: u64,
-    /// Senders running, each with at most one batch RPC out.
-    senders: usize,
-    /// The participant answered UNIMPLEMENTED to a batch: unary calls only from now on.
-    unary_only: bool,
-}
-
 /// The batching of one participant's step calls (see the module docs).
 pub(super) struct StepBatcher {
+    link: Arc<Link>,
+    actions: CallBatcher<StepCall, Result<ActionAnswer, TransportError>>,
+    compensations: CallBatcher<StepCall, Result<(), TransportError>>,
+}
+
+/// What the senders of both kinds share: the participant and how it is called.
+struct Link {
     participant: String,
     client: ParticipantClient,
-    state: Mutex<State>,
+    /// The participant answered UNIMPLEMENTED to a batch: unary calls only from now on.
+    unary_only: AtomicBool,
 }
 
 impl StepBatcher {
     pub(super) fn new(participant: String, client: ParticipantClient) -> Arc<StepBatcher> {
-        Arc::new(StepBatcher {
+        let link = Arc::new(Link {
             participant,
             client,
-            state: Mutex::new(State::default()),
+            unary_only: AtomicBool::new(false),
+        });
+        let limits = BatchLimits {
+            in_flight_max: STEP_BATCHES_IN_FLIGHT,
+            items_max: CALL_BATCH_ITEMS_MAX,
+            bytes_target: STEP_BATCH_BYTES_BUDGET,
+        };
+        let actions = CallBatcher::new(limits, item_bytes, {
+            let link = link.clone();
+            move |calls| Box::pin(link.clone().send_actions(calls))
+        });
+        let compensations = CallBatcher::new(limits, item_bytes, {
+            let link = link.clone();
+            move |calls| Box::pin(link.clone().send_compensations(calls))
+        });
+        Arc::new(StepBatcher {
+            link,
+            actions,
+            compensations,
         })
     }
 
     /// Whether this participant takes unary calls only (it answered UNIMPLEMENTED).
     pub(super) fn unary_only(&self) -> bool {
-        self.state.lock().unwrap().unary_only
+        self.link.unary_only.load(Ordering::Relaxed)
     }
 
     /// The unary client, for the calls [`StepBatcher::unary_only`] sends directly.
     pub(super) fn client(&self) -> ParticipantClient {
-        self.client.clone()
+        self.link.client.clone()
     }
 
     /// Runs a step's action through a batch.
@@ -140,54 +139,41 @@ impl StepBatcher {
         call: StepCall,
     ) -> Result<ActionAnswer, TransportError> {
         let timeout = call.timeout;
-        let (reply, answer) = oneshot::channel();
-        self.enqueue(|state, seq| {
-            state.actions.push_back(Queued { seq, call, reply });
-        });
-        self.await_answer(StepKind::Action, timeout, answer).await
+        let answer = tokio::time::timeout(timeout, self.actions.call(call)).await;
+        self.link.answer(StepKind::Action, timeout, answer)
     }
 
     /// Runs a step's compensation through a batch.
     pub(super) async fn compensate(self: Arc<Self>, call: StepCall) -> Result<(), TransportError> {
         let timeout = call.timeout;
-        let (reply, answer) = oneshot::channel();
-        self.enqueue(|state, seq| {
-            state.compensations.push_back(Queued { seq, call, reply });
-        });
-        self.await_answer(StepKind::Compensation, timeout, answer)
-            .await
+        let answer = tokio::time::timeout(timeout, self.compensations.call(call)).await;
+        self.link.answer(StepKind::Compensation, timeout, answer)
     }
+}
 
-    /// Queues a call and starts a sender if fewer than [`STEP_BATCHES_IN_FLIGHT`] run.
-    fn enqueue(self: &Arc<Self>, push: impl FnOnce(&mut State, u64)) {
-        let start_sender = {
-            let mut state = self.state.lock().unwrap();
-            let seq = state.next_seq;
-            state.next_seq += 1;
-            push(&mut state, seq);
-            let start = state.senders < STEP_BATCHES_IN_FLIGHT;
-            if start {
-                state.senders += 1;
-            }
-            start
-        };
-        if start_sender {
-            tokio::spawn(self.clone().send_batches());
-        }
-    }
+/// How one batch RPC went.
+enum Exchange<I> {
+    /// One answer item per call, in order.
+    Answered(Vec<I>),
+    /// The whole batch failed: every call gets this error.
+    Failed(TransportError),
+    /// The participant does not serve batches; the calls come back to be sent unary.
+    Unimplemented(Vec<StepCall>),
+}
 
-    /// The caller's side: its answer, or its own timeout.
-    async fn await_answer<T>(
+impl Link {
+    /// The caller's side: its answer, or its own timeout (the item is then not sent, if it
+    /// had not left yet).
+    fn answer<T>(
         &self,
         kind: StepKind,
         timeout: Duration,
-        answer: oneshot::Receiver<Result<T, TransportError>>,
+        answer: Result<Option<Result<T, TransportError>>, tokio::time::error::Elapsed>,
     ) -> Result<T, TransportError> {
-        match tokio::time::timeout(timeout, answer).await {
+        match answer {
             Err(_) => Err(timed_out(&self.participant, kind.what(), timeout)),
-            Ok(Ok(answer)) => answer,
-            // The sender is gone without answering: the runtime is shutting down.
-            Ok(Err(_)) => Err(TransportError(format!(
+            Ok(Some(answer)) => answer,
+            Ok(None) => Err(TransportError(format!(
                 "{}: {} batch ended without an answer",
                 self.participant,
                 kind.what()
@@ -195,195 +181,142 @@ impl StepBatcher {
         }
     }
 
-    /// A sender: sends batches while calls are queued, then ends. Ending and queueing share
-    /// the lock, so a queued call always has a sender that will take it.
-    async fn send_batches(self: Arc<Self>) {
-        loop {
-            let (batch, unary_only) = {
-                let mut state = self.state.lock().unwrap();
-                match take_batch(&mut state) {
-                    Some(batch) => (batch, state.unary_only),
-                    None => {
-                        state.senders -= 1;
-                        return;
-                    }
-                }
-            };
-            match (batch, unary_only) {
-                (Batch::Actions(items), false) => self.send_actions(items).await,
-                (Batch::Compensations(items), false) => self.send_compensations(items).await,
-                (batch, true) => self.send_unary(batch).await,
-            }
+    async fn send_actions(
+        self: Arc<Self>,
+        calls: Vec<StepCall>,
+    ) -> Vec<Result<ActionAnswer, TransportError>> {
+        if self.unary_only.load(Ordering::Relaxed) {
+            return self.send_unary_actions(calls).await;
         }
-    }
-
-    async fn send_actions(&self, items: Vec<Queued<ActionAnswer>>) {
-        let rpc =
-            |mut client: ParticipantClient, request| async move { client.act_batch(request).await };
-        let answered = self
-            .exchange(
-                StepKind::Action,
-                items,
-                rpc,
-                |r: pb::ActBatchResponse| r.items,
-                Batch::Actions,
-            )
-            .await;
-        for (queued, item) in answered.into_iter().flatten() {
-            let answer = match item.answer {
-                Some(pb::act_batch_item::Answer::Done(done)) => act_answer(&self.participant, done),
-                Some(pb::act_batch_item::Answer::Error(error)) => Err(self.item_error(error)),
-                None => Err(TransportError(format!(
-                    "{}: action answered without a result (an empty batch item)",
-                    self.participant
-                ))),
-            };
-            let _ = queued.reply.send(answer);
-        }
-    }
-
-    async fn send_compensations(&self, items: Vec<Queued<()>>) {
+        let count = calls.len();
         let rpc = |mut client: ParticipantClient, request| async move {
-            client.compensate_batch(request).await
+            client
+                .act_batch(request)
+                .await
+                .map(|r| r.into_inner().items)
         };
-        let answers = |r: pb::CompensateBatchResponse| r.items;
-        let answered = self
-            .exchange(
-                StepKind::Compensation,
-                items,
-                rpc,
-                answers,
-                Batch::Compensations,
-            )
-            .await;
-        for (queued, item) in answered.into_iter().flatten() {
-            let answer = match item.error {
-                None => Ok(()),
-                Some(error) => Err(self.item_error(error)),
-            };
-            let _ = queued.reply.send(answer);
+        match self.exchange(StepKind::Action, calls, rpc).await {
+            Exchange::Answered(items) => items
+                .into_iter()
+                .map(|item| match item.answer {
+                    Some(pb::act_batch_item::Answer::Done(done)) => {
+                        act_answer(&self.participant, done)
+                    }
+                    Some(pb::act_batch_item::Answer::Error(error)) => Err(self.item_error(error)),
+                    None => Err(TransportError(format!(
+                        "{}: action answered without a result (an empty batch item)",
+                        self.participant
+                    ))),
+                })
+                .collect(),
+            Exchange::Failed(error) => vec![Err(error); count],
+            Exchange::Unimplemented(calls) => self.send_unary_actions(calls).await,
         }
     }
 
-    /// Sends one batch RPC and pairs each call with its item of the answer. `None` when the
-    /// calls are answered already: the whole batch failed (each call got the error), or the
-    /// participant does not serve batches (each call went unary, see `fall_back`).
-    async fn exchange<T, R, I, F>(
+    async fn send_compensations(
+        self: Arc<Self>,
+        calls: Vec<StepCall>,
+    ) -> Vec<Result<(), TransportError>> {
+        if self.unary_only.load(Ordering::Relaxed) {
+            return self.send_unary_compensations(calls).await;
+        }
+        let count = calls.len();
+        let rpc = |mut client: ParticipantClient, request| async move {
+            client
+                .compensate_batch(request)
+                .await
+                .map(|r| r.into_inner().items)
+        };
+        match self.exchange(StepKind::Compensation, calls, rpc).await {
+            Exchange::Answered(items) => items
+                .into_iter()
+                .map(|item| match item.error {
+                    None => Ok(()),
+                    Some(error) => Err(self.item_error(error)),
+                })
+                .collect(),
+            Exchange::Failed(error) => vec![Err(error); count],
+            Exchange::Unimplemented(calls) => self.send_unary_compensations(calls).await,
+        }
+    }
+
+    /// Sends one batch RPC; checks that it answers one item per call.
+    async fn exchange<I, F>(
         &self,
         kind: StepKind,
-        items: Vec<Queued<T>>,
+        calls: Vec<StepCall>,
         rpc: impl FnOnce(ParticipantClient, tonic::Request<pb::StepBatchRequest>) -> F,
-        answers: impl FnOnce(R) -> Vec<I>,
-        into_batch: fn(Vec<Queued<T>>) -> Batch,
-    ) -> Option<Vec<(Queued<T>, I)>>
+    ) -> Exchange<I>
     where
-        F: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+        F: std::future::Future<Output = Result<Vec<I>, tonic::Status>>,
     {
-        let deadline = batch_deadline(&items);
-        let request = batch_request(&items, deadline);
+        let deadline = calls
+            .iter()
+            .map(|call| call.timeout)
+            .max()
+            .expect("a batch carries at least one step");
         let what = format!("{} batch", kind.what());
-        let call = rpc(self.client.clone(), request);
-        let error = match bounded_status(deadline, &self.participant, &what, call).await {
+        let call = rpc(self.client.clone(), batch_request(&calls, deadline));
+        match bounded_status(deadline, &self.participant, &what, async {
+            call.await.map(tonic::Response::new)
+        })
+        .await
+        {
             Ok(Ok(answer)) => {
-                let answers = answers(answer.into_inner());
-                if answers.len() == items.len() {
-                    return Some(items.into_iter().zip(answers).collect());
+                let items = answer.into_inner();
+                if items.len() == calls.len() {
+                    return Exchange::Answered(items);
                 }
-                TransportError(format!(
+                Exchange::Failed(TransportError(format!(
                     "{}: {what} answered {} items for {} steps",
                     self.participant,
-                    answers.len(),
-                    items.len()
-                ))
+                    items.len(),
+                    calls.len()
+                )))
             }
             Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
-                self.fall_back(into_batch(items)).await;
-                return None;
+                tracing::info!(
+                    participant = %self.participant,
+                    "the participant does not serve step batches (UNIMPLEMENTED): sending it unary calls"
+                );
+                self.unary_only.store(true, Ordering::Relaxed);
+                Exchange::Unimplemented(calls)
             }
-            Ok(Err(status)) => status_error(&self.participant, status),
-            Err(timed_out) => timed_out,
-        };
-        for queued in items {
-            let _ = queued.reply.send(Err(error.clone()));
+            Ok(Err(status)) => Exchange::Failed(status_error(&self.participant, status)),
+            Err(timed_out) => Exchange::Failed(timed_out),
         }
-        None
     }
 
-    /// The participant does not know batches: from now on it gets unary calls only, this
-    /// batch's included.
-    async fn fall_back(&self, batch: Batch) {
-        tracing::info!(
-            participant = %self.participant,
-            "the participant does not serve step batches (UNIMPLEMENTED): sending it unary calls"
-        );
-        self.state.lock().unwrap().unary_only = true;
-        self.send_unary(batch).await
+    /// A batch's calls as unary calls, concurrently.
+    async fn send_unary_actions(
+        &self,
+        calls: Vec<StepCall>,
+    ) -> Vec<Result<ActionAnswer, TransportError>> {
+        futures::future::join_all(
+            calls
+                .into_iter()
+                .map(|call| unary_act(self.client.clone(), call)),
+        )
+        .await
     }
 
-    /// Sends a batch's calls as unary calls, concurrently, each answered as it completes.
-    async fn send_unary(&self, batch: Batch) {
-        match batch {
-            Batch::Actions(items) => {
-                futures::future::join_all(items.into_iter().map(|queued| async move {
-                    let answer = unary_act(self.client.clone(), queued.call).await;
-                    let _ = queued.reply.send(answer);
-                }))
-                .await;
-            }
-            Batch::Compensations(items) => {
-                futures::future::join_all(items.into_iter().map(|queued| async move {
-                    let answer = unary_compensate(self.client.clone(), queued.call).await;
-                    let _ = queued.reply.send(answer);
-                }))
-                .await;
-            }
-        }
+    async fn send_unary_compensations(
+        &self,
+        calls: Vec<StepCall>,
+    ) -> Vec<Result<(), TransportError>> {
+        futures::future::join_all(
+            calls
+                .into_iter()
+                .map(|call| unary_compensate(self.client.clone(), call)),
+        )
+        .await
     }
 
     /// An item's error, mapped exactly as the unary call's status would be.
-    fn item_error(&self, error: pb::StepError) -> TransportError {
-        let status = tonic::Status::new(tonic::Code::from(error.code), error.message);
-        status_error(&self.participant, status)
+    fn item_error(&self, error: pb::CallError) -> TransportError {
+        status_error(&self.participant, error.into())
     }
-}
-
-/// Takes the next batch from the queues: of the kind whose oldest live call is older, up to
-/// the item and byte limits. Calls whose caller stopped waiting (its timeout passed) are
-/// dropped unsent.
-fn take_batch(state: &mut State) -> Option<Batch> {
-    drop_abandoned(&mut state.actions);
-    drop_abandoned(&mut state.compensations);
-    let actions_first = match (state.actions.front(), state.compensations.front()) {
-        (None, None) => return None,
-        (Some(_), None) => true,
-        (None, Some(_)) => false,
-        (Some(action), Some(compensation)) => action.seq < compensation.seq,
-    };
-    Some(if actions_first {
-        Batch::Actions(take_items(&mut state.actions))
-    } else {
-        Batch::Compensations(take_items(&mut state.compensations))
-    })
-}
-
-fn drop_abandoned<T>(queue: &mut VecDeque<Queued<T>>) {
-    queue.retain(|queued| !queued.reply.is_closed());
-}
-
-fn take_items<T>(queue: &mut VecDeque<Queued<T>>) -> Vec<Queued<T>> {
-    let mut items = Vec::new();
-    let mut bytes = 0;
-    while let Some(next) = queue.front() {
-        let size = item_bytes(&next.call);
-        let full = items.len() == STEP_BATCH_ITEMS_MAX
-            || (!items.is_empty() && bytes + size > STEP_BATCH_BYTES_BUDGET);
-        if full {
-            break;
-        }
-        bytes += size;
-        items.extend(queue.pop_front());
-    }
-    items
 }
 
 /// About the bytes a step takes in a batch request.
@@ -395,25 +328,13 @@ fn item_bytes(call: &StepCall) -> usize {
         + STEP_ITEM_FRAMING_BYTES
 }
 
-/// A batch's RPC deadline: its largest item timeout (every item has its own on top).
-fn batch_deadline<T>(items: &[Queued<T>]) -> Duration {
-    items
-        .iter()
-        .map(|queued| queued.call.timeout)
-        .max()
-        .expect("a batch carries at least one step")
-}
-
 /// The batch request: every item with its own trace context in its `traceparent` field.
-fn batch_request<T>(
-    items: &[Queued<T>],
-    deadline: Duration,
-) -> tonic::Request<pb::StepBatchRequest> {
-    let steps = items
+fn batch_request(calls: &[StepCall], deadline: Duration) -> tonic::Request<pb::StepBatchRequest> {
+    let steps = calls
         .iter()
-        .map(|queued| {
-            let mut step = step_message(&queued.call);
-            if let Some(trace) = &queued.call.trace {
+        .map(|call| {
+            let mut step = step_message(call);
+            if let Some(trace) = &call.trace {
                 step.traceparent = trace.to_string();
             }
             step
