@@ -339,11 +339,22 @@ fn run(tree: sled::Tree, queue: mpsc::Receiver<Job>) {
                 std::process::abort();
             }
         }
+        let synced = !syncs.is_empty();
         for done in syncs {
             let _ = done.send(());
         }
+        if open && !synced {
+            // A short nap lets entries pile up: the next batch is larger, and while this
+            // thread is not parked on the queue, queueing an entry wakes nobody (a wake-up
+            // per entry cost the loop a system call each). A reader's sync waits at most
+            // this much longer.
+            std::thread::sleep(WRITE_NAP);
+        }
     }
 }
+
+/// How long the thread rests after writing a batch (see `run`).
+const WRITE_NAP: Duration = Duration::from_millis(5);
 
 /// What the tree holds of `id`'s history (once per history the thread has not seen). Keys
 /// are counted, so a chunk counts as one; only `next` (from the last key) and `tail` (the

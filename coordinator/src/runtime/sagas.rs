@@ -121,6 +121,9 @@ pub(super) struct SagaSide {
     unwritten_progress: HashMap<TxnId, SagaProgress>,
     /// When the next checkpoint writes `unwritten_progress` (ms since the epoch).
     pub(super) checkpoint_due_ms: Option<u64>,
+    /// The view of a saga the engine has let go, read from the log once for all the effects
+    /// of one step that need it (its FINISHED change, `Terminal`, the callback).
+    view_read: Option<SagaView>,
 }
 
 impl SagaSide {
@@ -136,6 +139,7 @@ impl SagaSide {
             finished_order: VecDeque::new(),
             unwritten_progress: HashMap::new(),
             checkpoint_due_ms: None,
+            view_read: None,
         }
     }
 
@@ -490,6 +494,28 @@ impl Runtime {
     }
 
     pub(super) fn apply_saga(&mut self, effects: Vec<SagaEffect>) {
+        self.apply_saga_effects(effects);
+        self.sagas.view_read = None;
+    }
+
+    /// The view of `saga` for an effect of the step being applied: a saga the engine holds is
+    /// viewed there; one it has let go is read from the log once per step.
+    fn view_for_effect(&mut self, saga: &TxnId) -> Option<SagaView> {
+        if let Some(view) = self.sagas.view_in_flight(saga) {
+            return Some(view);
+        }
+        if let Some(view) = self.sagas.view_read.as_ref().filter(|v| v.saga == *saga) {
+            return Some(view.clone());
+        }
+        let view = match self.saga_view(saga) {
+            Ok(view) => view,
+            Err(e) => fatal("reading a saga from the log failed", &e),
+        };
+        self.sagas.view_read.clone_from(&view);
+        view
+    }
+
+    fn apply_saga_effects(&mut self, effects: Vec<SagaEffect>) {
         // Writes first (in the order emitted), then everything else: a view read from the log
         // for a Notify or Terminal of this same step (the engine may already have dropped the
         // saga) must see this step's progress. Writing progress before sending is safe: a
@@ -610,11 +636,9 @@ impl Runtime {
                     target,
                     ..
                 } => {
-                    let view = match self.saga_view(&saga) {
-                        Ok(Some(view)) => view,
-                        Ok(None) => panic!("{saga}: callback of a saga that does not exist"),
-                        Err(e) => fatal("reading a saga from the log failed", &e),
-                    };
+                    let view = self.view_for_effect(&saga).unwrap_or_else(|| {
+                        panic!("{saga}: callback of a saga that does not exist")
+                    });
                     let call = CallbackCall {
                         saga: saga.clone(),
                         target,
@@ -651,10 +675,7 @@ impl Runtime {
                     self.metrics.finished(finished, self.age(&saga));
                     // The engine may have dropped the saga in this very step (no callback
                     // owed); its progress, outcome included, is in the log by now.
-                    let view = match self.saga_view(&saga) {
-                        Ok(view) => view,
-                        Err(e) => fatal("reading a saga from the log failed", &e),
-                    };
+                    let view = self.view_for_effect(&saga);
                     assert!(
                         view.is_some(),
                         "{saga} terminal but neither in flight nor stored"
@@ -738,10 +759,7 @@ impl Runtime {
             history.push(change.clone());
         }
         let view = if finished {
-            match self.saga_view(&saga) {
-                Ok(view) => view,
-                Err(e) => fatal("reading a saga from the log failed", &e),
-            }
+            self.view_for_effect(&saga)
         } else {
             None
         };
