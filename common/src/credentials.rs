@@ -29,15 +29,21 @@
 //!
 //! [`read_pem_certs`] and [`read_pem_key`] read a certificate chain or a private key and check
 //! that it parses before tonic sees it, so that a wrong or empty file is reported with its
-//! path rather than as a TLS failure at the first connection.
+//! path rather than as a TLS failure at the first connection. [`server_tls_from_files`] and
+//! [`client_tls_from_files`] build a server's or a client's TLS settings from such files and
+//! try them once, so that a key that is not the certificate's is reported at start too; every
+//! server and client of Tandem builds its TLS settings through them. Their errors name the
+//! setting each file came from ([`PemFile::setting`], e.g. a flag) as well as the file.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// Shortest token accepted, in bytes.
 pub const TOKEN_LEN_MIN: usize = 16;
@@ -394,6 +400,95 @@ pub fn read_pem_key(path: &Path) -> Result<Vec<u8>, CredentialError> {
     Ok(pem)
 }
 
+/// Longest a peer may take over its TLS handshake with a Tandem server, in ms; a slower one is
+/// dropped.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// A PEM file a TLS setting is read from, and the name of that setting (a flag such as
+/// `--tls-cert`, or a description), which errors name with the file.
+#[derive(Debug, Clone, Copy)]
+pub struct PemFile<'a> {
+    pub path: &'a Path,
+    pub setting: &'static str,
+}
+
+/// Why TLS settings could not be built from files.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFilesError {
+    /// A file could not be read, or does not hold what the setting needs.
+    #[error("{setting}: {source}")]
+    File {
+        setting: &'static str,
+        source: CredentialError,
+    },
+    /// The files parse but do not make usable TLS settings (for example a key that is not
+    /// the certificate's). `settings` names them all, separated by `/`.
+    #[error("{settings}: not usable for TLS: {why}")]
+    Unusable { settings: String, why: String },
+}
+
+fn certs_of(file: PemFile<'_>) -> Result<Vec<u8>, TlsFilesError> {
+    read_pem_certs(file.path).map_err(|source| TlsFilesError::File {
+        setting: file.setting,
+        source,
+    })
+}
+
+fn key_of(file: PemFile<'_>) -> Result<Vec<u8>, TlsFilesError> {
+    read_pem_key(file.path).map_err(|source| TlsFilesError::File {
+        setting: file.setting,
+        source,
+    })
+}
+
+fn unusable(files: &[PemFile<'_>], error: &dyn std::error::Error) -> TlsFilesError {
+    let settings: Vec<&str> = files.iter().map(|file| file.setting).collect();
+    TlsFilesError::Unusable {
+        settings: settings.join("/"),
+        why: crate::error_chain(error),
+    }
+}
+
+/// A server's TLS settings: its certificate chain and key, and for mutual TLS the CA that must
+/// have signed every caller's certificate (a caller without one fails the handshake, before
+/// any request). Handshakes are bounded by [`TLS_HANDSHAKE_TIMEOUT_MS`].
+pub fn server_tls_from_files(
+    cert: PemFile<'_>,
+    key: PemFile<'_>,
+    client_ca: Option<PemFile<'_>>,
+) -> Result<ServerTlsConfig, TlsFilesError> {
+    let mut config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(certs_of(cert)?, key_of(key)?))
+        .timeout(Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS));
+    if let Some(ca) = client_ca {
+        config = config.client_ca_root(Certificate::from_pem(certs_of(ca)?));
+    }
+    // Built once here so that a key that is not the certificate's is reported now.
+    tonic::transport::Server::builder()
+        .tls_config(config.clone())
+        .map_err(|e| unusable(&[cert, key], &e))?;
+    Ok(config)
+}
+
+/// A client's TLS settings: the CA that signed the server's certificate, and optionally the
+/// certificate and key it presents to a server that requires mutual TLS.
+pub fn client_tls_from_files(
+    ca: PemFile<'_>,
+    identity: Option<(PemFile<'_>, PemFile<'_>)>,
+) -> Result<ClientTlsConfig, TlsFilesError> {
+    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(certs_of(ca)?));
+    let mut files = vec![ca];
+    if let Some((cert, key)) = identity {
+        config = config.identity(Identity::from_pem(certs_of(cert)?, key_of(key)?));
+        files.extend([cert, key]);
+    }
+    // Built once here (for any https address) so that unusable files are reported now.
+    tonic::transport::Endpoint::from_static("https://server.invalid")
+        .tls_config(config.clone())
+        .map_err(|e| unusable(&files, &e))?;
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,5 +604,29 @@ mod tests {
             Token::from_file(&big),
             Err(CredentialError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn tls_settings_from_files_name_the_setting_and_the_file_at_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let file = |setting| PemFile {
+            path: &missing,
+            setting,
+        };
+        let error = server_tls_from_files(file("--tls-cert"), file("--tls-key"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("--tls-cert: ") && error.contains("missing.pem"),
+            "{error}"
+        );
+        let error = client_tls_from_files(file("--ca"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("--ca: ") && error.contains("missing.pem"),
+            "{error}"
+        );
     }
 }

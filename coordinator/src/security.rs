@@ -35,85 +35,47 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::future::Either;
-use tandem_common::credentials::{self, CredentialError, TokenSet};
+use tandem_common::credentials::{self, PemFile, TlsFilesError, TokenSet};
 use tonic::body::Body;
 use tonic::codegen::http;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 
-/// Why a security setting could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum SecurityError {
-    /// `flag` names the option the file came from.
-    #[error("{flag}: {source}")]
-    Credential {
-        flag: &'static str,
-        source: CredentialError,
-    },
-    /// The files parse but do not make usable TLS settings (for example a key that is not
-    /// the certificate's).
-    #[error("{flags}: not usable for TLS: {why}")]
-    Tls { flags: &'static str, why: String },
-}
-
-fn named(flag: &'static str) -> impl FnOnce(CredentialError) -> SecurityError {
-    move |source| SecurityError::Credential { flag, source }
-}
-
-/// Longest a client may take over its TLS handshake, in ms; a slower one is dropped.
-pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-
-/// The server's TLS settings: its certificate chain and key, and for mutual TLS the CA that
-/// must have signed every client's certificate.
+/// The coordinator's own TLS settings as a server: its certificate and key (`--tls-cert`,
+/// `--tls-key`) and, for mutual TLS, the CA every peer's certificate must carry
+/// (`--tls-client-ca`). Errors name the flag and the file.
 pub fn server_tls(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,
-) -> Result<ServerTlsConfig, SecurityError> {
-    let cert = credentials::read_pem_certs(cert).map_err(named("--tls-cert"))?;
-    let key = credentials::read_pem_key(key).map_err(named("--tls-key"))?;
-    let mut config = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .timeout(Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS));
-    if let Some(ca) = client_ca {
-        let ca = credentials::read_pem_certs(ca).map_err(named("--tls-client-ca"))?;
-        config = config.client_ca_root(Certificate::from_pem(ca));
-    }
-    // Built once here so that a key that is not the certificate's stops the start with the
-    // flags named, before anything is bound or opened.
-    tonic::transport::Server::builder()
-        .tls_config(config.clone())
-        .map_err(|e| SecurityError::Tls {
-            flags: "--tls-cert/--tls-key",
-            why: tandem_common::error_chain(&e),
-        })?;
-    Ok(config)
+) -> Result<ServerTlsConfig, TlsFilesError> {
+    let file = |path, setting| PemFile { path, setting };
+    credentials::server_tls_from_files(
+        file(cert, "--tls-cert"),
+        file(key, "--tls-key"),
+        client_ca.map(|ca| file(ca, "--tls-client-ca")),
+    )
 }
 
 /// The coordinator's TLS settings as a client of participants: the CA that signed their
-/// certificates, and optionally the certificate and key it presents to those that require
-/// mutual TLS (it should name the identity participants check, see `tandem certs`).
+/// certificates (`--participant-ca`), and optionally the certificate and key it presents to
+/// those that require mutual TLS (`--participant-client-cert`, `--participant-client-key`;
+/// it should name the identity participants check, see `tandem certs`).
 pub fn client_tls(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
-) -> Result<ClientTlsConfig, SecurityError> {
-    let ca = credentials::read_pem_certs(ca).map_err(named("--participant-ca"))?;
-    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-    if let Some((cert, key)) = identity {
-        let cert = credentials::read_pem_certs(cert).map_err(named("--participant-client-cert"))?;
-        let key = credentials::read_pem_key(key).map_err(named("--participant-client-key"))?;
-        config = config.identity(Identity::from_pem(cert, key));
-    }
-    // Built once here (for any https address) so that unusable files stop the start.
-    tonic::transport::Endpoint::from_static("https://participant.invalid")
-        .tls_config(config.clone())
-        .map_err(|e| SecurityError::Tls {
-            flags: "--participant-ca/--participant-client-cert/--participant-client-key",
-            why: tandem_common::error_chain(&e),
-        })?;
-    Ok(config)
+) -> Result<ClientTlsConfig, TlsFilesError> {
+    let file = |path, setting| PemFile { path, setting };
+    credentials::client_tls_from_files(
+        file(ca, "--participant-ca"),
+        identity.map(|(cert, key)| {
+            (
+                file(cert, "--participant-client-cert"),
+                file(key, "--participant-client-key"),
+            )
+        }),
+    )
 }
 
 /// Which tokens the coordinator accepts. Both `None`: no token is checked.

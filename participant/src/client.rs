@@ -370,26 +370,13 @@ impl ConnectOptions {
         ca: &std::path::Path,
         identity: Option<(&std::path::Path, &std::path::Path)>,
     ) -> Result<ClientTlsConfig, Error> {
-        use tandem_common::credentials::{read_pem_certs, read_pem_key};
-        use tonic::transport::{Certificate, Identity};
-        let invalid =
-            |e: tandem_common::credentials::CredentialError| Error::InvalidArgument(e.to_string());
-        let ca = read_pem_certs(ca).map_err(invalid)?;
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-        if let Some((cert, key)) = identity {
-            let cert = read_pem_certs(cert).map_err(invalid)?;
-            let key = read_pem_key(key).map_err(invalid)?;
-            tls = tls.identity(Identity::from_pem(cert, key));
-        }
-        // Built once here (for any https address) so that unusable files are reported now.
-        Endpoint::from_static("https://coordinator.invalid")
-            .tls_config(tls.clone())
-            .map_err(|e| {
-                Error::InvalidArgument(format!(
-                    "TLS settings not usable: {}",
-                    tandem_common::error_chain(&e)
-                ))
-            })?;
+        use tandem_common::credentials::{client_tls_from_files, PemFile};
+        let file = |path, setting| PemFile { path, setting };
+        let tls = client_tls_from_files(
+            file(ca, "CA certificate"),
+            identity.map(|(cert, key)| (file(cert, "client certificate"), file(key, "client key"))),
+        )
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         Ok(tls)
     }
 }

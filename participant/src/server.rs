@@ -188,9 +188,6 @@ pub struct ServeSecurity {
     pub callers: CallerPolicy,
 }
 
-/// Longest a caller may take over its TLS handshake, in ms; a slower one is dropped.
-pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-
 impl ServeSecurity {
     /// TLS read from PEM files: the server's certificate chain and key and, for mutual TLS,
     /// the CA that must have signed every caller's certificate. Errors name the file.
@@ -199,27 +196,13 @@ impl ServeSecurity {
         key: &std::path::Path,
         client_ca: Option<&std::path::Path>,
     ) -> Result<ServeSecurity, Error> {
-        use tandem_common::credentials::{read_pem_certs, read_pem_key};
-        use tonic::transport::{Certificate, Identity};
-        let invalid = |e: credentials::CredentialError| Error::InvalidArgument(e.to_string());
-        let cert = read_pem_certs(cert).map_err(invalid)?;
-        let key = read_pem_key(key).map_err(invalid)?;
-        let mut tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(cert, key))
-            .timeout(std::time::Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS));
-        if let Some(ca) = client_ca {
-            let ca = read_pem_certs(ca).map_err(invalid)?;
-            tls = tls.client_ca_root(Certificate::from_pem(ca));
-        }
-        // Built once here so that a key that is not the certificate's is reported now.
-        tonic::transport::Server::builder()
-            .tls_config(tls.clone())
-            .map_err(|e| {
-                Error::InvalidArgument(format!(
-                    "TLS certificate and key not usable: {}",
-                    tandem_common::error_chain(&e)
-                ))
-            })?;
+        let file = |path, setting| credentials::PemFile { path, setting };
+        let tls = credentials::server_tls_from_files(
+            file(cert, "TLS certificate"),
+            file(key, "TLS key"),
+            client_ca.map(|ca| file(ca, "client CA")),
+        )
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         Ok(ServeSecurity {
             tls: Some(tls),
             mutual_tls: client_ca.is_some(),
