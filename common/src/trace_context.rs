@@ -92,6 +92,18 @@ impl TraceContext {
         })
     }
 
+    /// The trace context a caller sent in its request's `traceparent` metadata entry: the one
+    /// way every Tandem server reads it (a malformed one is ignored, see [`Self::from_incoming`]).
+    pub fn of_request(metadata: &tonic::metadata::MetadataMap) -> Option<Self> {
+        TraceContext::from_incoming(metadata.get(TRACEPARENT).and_then(|v| v.to_str().ok()))
+    }
+
+    /// The trace context an item of a batched call carries in its `traceparent` field (where
+    /// a single call carries it in metadata): empty means none.
+    pub fn of_item(traceparent: &str) -> Option<Self> {
+        TraceContext::from_incoming(Some(traceparent).filter(|text| !text.is_empty()))
+    }
+
     /// Reads a `traceparent` that came from outside, if there is one. A malformed one is
     /// ignored (logged at debug): the W3C recommendation is to start a new trace then, never
     /// to fail the request.

@@ -465,7 +465,7 @@ async fn submit_singly(
         async move {
             let traceparent = std::mem::take(&mut item.traceparent);
             let mut request = tonic::Request::new(item);
-            if let Some(trace) = TraceContext::from_incoming(Some(&traceparent)) {
+            if let Some(trace) = TraceContext::of_item(&traceparent) {
                 trace.set_on(&mut request);
             }
             client

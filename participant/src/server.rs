@@ -48,7 +48,6 @@ use std::sync::Arc;
 
 use tandem_common::call_batch::CALL_BATCH_ITEMS_MAX;
 use tandem_common::credentials::{self, TokenSet};
-use tandem_common::trace_context::TRACEPARENT;
 use tandem_common::{BranchIdx, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
 use tokio::net::TcpListener;
@@ -211,24 +210,10 @@ impl ServeSecurity {
     }
 }
 
-/// The trace context of a call (its `traceparent` metadata), if it has a valid one.
-fn incoming_trace<T>(request: &Request<T>) -> Option<TraceContext> {
-    TraceContext::from_incoming(
-        request
-            .metadata()
-            .get(TRACEPARENT)
-            .and_then(|v| v.to_str().ok()),
-    )
-}
-
 /// The trace context of one step: the call's metadata (a unary call), else the step's own
 /// `traceparent` field (a batch's item).
 fn step_trace(metadata: Option<TraceContext>, request: &pb::StepRequest) -> Option<TraceContext> {
-    metadata.or_else(|| {
-        (!request.traceparent.is_empty())
-            .then(|| TraceContext::from_incoming(Some(&request.traceparent)))
-            .flatten()
-    })
+    metadata.or_else(|| TraceContext::of_item(&request.traceparent))
 }
 
 /// A step batch's items, refused whole when there are none or too many.
@@ -347,7 +332,7 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
         self.callers.check(&request)?;
-        let trace = incoming_trace(&request);
+        let trace = TraceContext::of_request(request.metadata());
         let request = request.into_inner();
         let txn = parse_txn(&request.txn_id)?;
         check_payload(&request.payload)?;
@@ -382,7 +367,7 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::DecisionRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
         self.callers.check(&request)?;
-        let trace = incoming_trace(&request);
+        let trace = TraceContext::of_request(request.metadata());
         self.decide(request.into_inner(), true, trace).await
     }
 
@@ -391,7 +376,7 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::DecisionRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
         self.callers.check(&request)?;
-        let trace = incoming_trace(&request);
+        let trace = TraceContext::of_request(request.metadata());
         self.decide(request.into_inner(), false, trace).await
     }
 
@@ -407,7 +392,7 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::StepRequest>,
     ) -> Result<Response<pb::ActResponse>, Status> {
         self.callers.check(&request)?;
-        let trace = incoming_trace(&request);
+        let trace = TraceContext::of_request(request.metadata());
         let request = request.into_inner();
         let trace = step_trace(trace, &request);
         self.act_step(request, trace).await.map(Response::new)
@@ -418,7 +403,7 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::StepRequest>,
     ) -> Result<Response<pb::CompensateResponse>, Status> {
         self.callers.check(&request)?;
-        let trace = incoming_trace(&request);
+        let trace = TraceContext::of_request(request.metadata());
         let request = request.into_inner();
         let trace = step_trace(trace, &request);
         self.compensate_step(request, trace).await?;
@@ -454,7 +439,7 @@ impl pb::participant_server::Participant for ParticipantService {
         request: Request<pb::SagaFinishedRequest>,
     ) -> Result<Response<pb::SagaFinishedResponse>, Status> {
         self.callers.check(&request)?;
-        let trace = incoming_trace(&request);
+        let trace = TraceContext::of_request(request.metadata());
         let (handler, outcome) = finished_request(request.into_inner())?;
         let span = tracing::debug_span!("saga_finished_call", saga = %outcome.id, trace_id = tracing::field::Empty);
         let span = traced(span, trace);

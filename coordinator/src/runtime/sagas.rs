@@ -121,8 +121,9 @@ pub(super) struct SagaSide {
     unwritten_progress: HashMap<TxnId, SagaProgress>,
     /// When the next checkpoint writes `unwritten_progress` (ms since the epoch).
     pub(super) checkpoint_due_ms: Option<u64>,
-    /// The view of a saga the engine has let go, read from the log once for all the effects
-    /// of one step that need it (its FINISHED change, `Terminal`, the callback).
+    /// The view of the saga whose step is being applied, made once for all the effects that
+    /// need it (its FINISHED change, `Terminal`, the callback); for a saga the engine has let
+    /// go that is a read of the log.
     view_read: Option<SagaView>,
 }
 
@@ -498,12 +499,10 @@ impl Runtime {
         self.sagas.view_read = None;
     }
 
-    /// The view of `saga` for an effect of the step being applied: a saga the engine holds is
-    /// viewed there; one it has let go is read from the log once per step.
+    /// The view of `saga` for an effect of the step being applied, made once per step
+    /// ([`Runtime::saga_view`]: from the engine, or, for a saga it has let go, from the log;
+    /// nothing changes either while a step's effects are applied).
     fn view_for_effect(&mut self, saga: &TxnId) -> Option<SagaView> {
-        if let Some(view) = self.sagas.view_in_flight(saga) {
-            return Some(view);
-        }
         if let Some(view) = self.sagas.view_read.as_ref().filter(|v| v.saga == *saga) {
             return Some(view.clone());
         }

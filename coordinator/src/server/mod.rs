@@ -17,7 +17,6 @@ use tracing::Instrument;
 
 use sha2::{Digest, Sha256};
 use tandem_common::call_batch::CALL_BATCH_ITEMS_MAX;
-use tandem_common::trace_context::TRACEPARENT;
 use tandem_common::{unix_now_ms, TraceContext, TxnId};
 use tandem_proto::v1 as pb;
 use tonic::codegen::http::Uri;
@@ -270,12 +269,6 @@ pub fn validate_execute(
     })
 }
 
-/// The W3C trace context a client sent in the `traceparent` metadata entry. A malformed one is
-/// ignored (the transaction then starts a trace of its own), as the W3C recommendation says.
-pub fn incoming_trace(metadata: &tonic::metadata::MetadataMap) -> Option<TraceContext> {
-    TraceContext::from_incoming(metadata.get(TRACEPARENT).and_then(|v| v.to_str().ok()))
-}
-
 fn parse_existing_id(id: &str) -> Result<TxnId, Status> {
     TxnId::parse(id).map_err(|e| Status::invalid_argument(e.to_string()))
 }
@@ -294,7 +287,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::Execute2pcRequest>,
     ) -> Result<Response<pb::Execute2pcResponse>, Status> {
         let started = Instant::now();
-        let trace = incoming_trace(request.metadata());
+        let trace = TraceContext::of_request(request.metadata());
         let mut request = validate_execute(request.into_inner(), &self.config, unix_now_ms())?;
         request.trace = trace;
         let txn = request.txn.clone();
@@ -415,7 +408,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::SubmitSagaRequest>,
     ) -> Result<Response<pb::SubmitSagaResponse>, Status> {
-        let trace = incoming_trace(request.metadata());
+        let trace = TraceContext::of_request(request.metadata());
         let saga = self.submit_one(request.into_inner(), trace).await?;
         Ok(Response::new(pb::SubmitSagaResponse {
             saga_id: saga.to_string(),
@@ -436,9 +429,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         // Every item is submitted at once: they reach the runtime together, and one forced
         // write covers all the accepted ones.
         let results = futures::future::join_all(items.into_iter().map(|mut item| {
-            let traceparent = std::mem::take(&mut item.traceparent);
-            let trace =
-                TraceContext::from_incoming(Some(traceparent.as_str()).filter(|t| !t.is_empty()));
+            let trace = TraceContext::of_item(&std::mem::take(&mut item.traceparent));
             self.submit_one(item, trace)
         }))
         .await;
