@@ -599,8 +599,14 @@ pub enum SagaEffect {
     ReplyAccepted { saga: TxnId },
     /// A state change, in order, for watchers.
     Notify { saga: TxnId, change: SagaChange },
-    /// The outcome, durable: waiters get it. Once per saga and incarnation.
-    Terminal { saga: TxnId, outcome: SagaOutcome },
+    /// The outcome, durable: waiters get it. Once per saga and incarnation. `status` is the
+    /// saga's state at that moment, so that nobody reads it back from the log when the engine
+    /// drops the saga in the same step.
+    Terminal {
+        saga: TxnId,
+        outcome: SagaOutcome,
+        status: SagaStatus,
+    },
     /// Nothing left to do (callback delivered, or none); the engine dropped the saga.
     Finished { saga: TxnId },
 }
@@ -1306,7 +1312,15 @@ impl Saga {
     fn on_outcome_durable(&mut self, cx: &mut Cx<'_>) {
         self.outcome_pending = false;
         match self.progress.phase {
-            SagaPhase::Completed => self.reach_outcome(cx),
+            SagaPhase::Completed => {
+                self.reach_outcome(cx);
+                if cx.finished {
+                    // The forced outcome record already holds this progress but for the
+                    // number of the FINISHED change, and a finished saga has no later change
+                    // to number: nothing is written again.
+                    cx.changed = false;
+                }
+            }
             SagaPhase::Compensating => self.run_compensation_head(cx),
             SagaPhase::Accepting
             | SagaPhase::Running
@@ -1501,6 +1515,7 @@ impl Saga {
         cx.effects.push(SagaEffect::Terminal {
             saga: self.id.clone(),
             outcome,
+            status: self.progress.status(self.accepted_ms),
         });
         if self.spec.callback.is_some() {
             self.progress.callback_attempts += 1;

@@ -527,6 +527,23 @@ impl Runtime {
                     | SagaEffect::PersistProgress { .. }
             )
         });
+        // A saga that became terminal in this step brings its view along: the engine may
+        // already have let it go, and the Notify, callback and waiters of this step need it.
+        if let Some(view) = others.iter().find_map(|effect| match effect {
+            SagaEffect::Terminal { saga, status, .. } => Some(SagaView {
+                saga: saga.clone(),
+                step_names: self
+                    .sagas
+                    .step_names
+                    .get(saga)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{saga}: terminal without its step names")),
+                status: status.clone(),
+            }),
+            _ => None,
+        }) {
+            self.sagas.view_read = Some(view);
+        }
         for effect in writes.into_iter().chain(others) {
             match effect {
                 SagaEffect::PersistSpec {
@@ -664,7 +681,7 @@ impl Runtime {
                     }
                 }
                 SagaEffect::Notify { saga, change } => self.notify(saga, change),
-                SagaEffect::Terminal { saga, outcome } => {
+                SagaEffect::Terminal { saga, outcome, .. } => {
                     tracing::debug!(saga = %saga, ?outcome, "saga terminal");
                     let finished = match outcome {
                         SagaOutcome::Completed => Finished::SagaCompleted,
@@ -672,13 +689,10 @@ impl Runtime {
                         SagaOutcome::Aborted { .. } => Finished::SagaAborted,
                     };
                     self.metrics.finished(finished, self.age(&saga));
-                    // The engine may have dropped the saga in this very step (no callback
-                    // owed); its progress, outcome included, is in the log by now.
+                    // The view came with this effect (see above), even if the engine has
+                    // dropped the saga in this very step.
                     let view = self.view_for_effect(&saga);
-                    assert!(
-                        view.is_some(),
-                        "{saga} terminal but neither in flight nor stored"
-                    );
+                    assert!(view.is_some(), "{saga} terminal without a view");
                     for waiter in self
                         .sagas
                         .terminal_waiters

@@ -793,7 +793,7 @@ impl SimCoordinator {
                     }
                 }
                 SagaEffect::Notify { .. } => {}
-                SagaEffect::Terminal { saga, outcome } => {
+                SagaEffect::Terminal { saga, outcome, .. } => {
                     if self.sagas.status(&saga).is_none() && self.log.get_saga(&saga).is_none() {
                         out.push(COut::Violation(format!(
                             "{saga} terminal but neither in flight nor stored"
