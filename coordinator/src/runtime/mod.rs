@@ -218,16 +218,20 @@ impl CoordinatorHandle {
         saga: TxnId,
         timeout: Duration,
     ) -> Result<Option<SagaView>, CoordinatorError> {
-        let (reply, answer) = oneshot::channel();
-        let command = Command::Saga(sagas::SagaCommand::Wait {
-            saga: saga.clone(),
-            reply,
-        });
-        self.enqueue(command)?;
-        match tokio::time::timeout(timeout, answer).await {
-            Ok(answer) => answer.map_err(|_| CoordinatorError::ShuttingDown)?,
+        match tokio::time::timeout(timeout, self.wait_saga_terminal(saga.clone())).await {
+            Ok(answer) => answer,
             Err(_elapsed) => self.get_saga(saga).await,
         }
+    }
+
+    /// Waits, without a limit, until the saga is terminal and returns its state; `None` if
+    /// there is no such saga. Dropping the future stops the wait.
+    pub async fn wait_saga_terminal(
+        &self,
+        saga: TxnId,
+    ) -> Result<Option<SagaView>, CoordinatorError> {
+        self.call(|reply| Command::Saga(sagas::SagaCommand::Wait { saga, reply }))
+            .await?
     }
 
     /// The saga's changes so far and then as they happen; `None` if there is no such saga.
@@ -297,6 +301,7 @@ pub fn start(
         metrics: config_metrics,
         observed: HashMap::new(),
         stuck: HashSet::new(),
+        forced: Vec::new(),
     };
     runtime.recover()?;
     runtime.retention = retention::spawn(runtime.log.clone(), &runtime.config);
@@ -343,7 +348,13 @@ struct Runtime {
     observed: HashMap<TxnId, Observed>,
     /// Sagas flagged stuck now.
     stuck: HashSet<TxnId>,
+    /// What waits for the forced writes of this loop turn to be durable, with what each
+    /// write was (see [`Runtime::after_flush`]).
+    forced: Vec<(&'static str, AfterFlush)>,
 }
+
+/// What runs once a forced write is durable.
+type AfterFlush = Box<dyn FnOnce() + Send>;
 
 /// Sleeps until `at_ms` (ms since the epoch); forever if `None`.
 async fn sleep_until_ms(at_ms: Option<u64>) {
@@ -393,6 +404,7 @@ impl Runtime {
         let mut command_batch = Vec::with_capacity(LOOP_BATCH_MAX);
         let mut event_batch = Vec::with_capacity(LOOP_BATCH_MAX);
         loop {
+            self.force_turn();
             let next_timer_ms = self.timers.first_key_value().map(|(&(at_ms, _), _)| at_ms);
             let timer_due = sleep_until_ms(next_timer_ms);
             let checkpoint_due = sleep_until_ms(self.sagas.checkpoint_due_ms);
@@ -802,13 +814,30 @@ impl Runtime {
 
     /// Runs `then` once everything written to the log so far is durable. A failed flush
     /// stops the process (`what` says which write it was forcing).
-    fn after_flush(&self, what: &'static str, then: impl FnOnce() + Send + 'static) {
+    ///
+    /// The flush is asked for once per loop turn ([`Runtime::force_turn`]), for every forced
+    /// write of the turn: asked for at each write, the flusher thread woke at the first and
+    /// flushed it nearly alone, and the rest of the turn's writes waited for one more flush
+    /// (each about a millisecond on this machine's disk).
+    fn after_flush(&mut self, what: &'static str, then: impl FnOnce() + Send + 'static) {
+        self.forced.push((what, Box::new(then)));
+    }
+
+    /// Asks for one flush covering every forced write of the turn, and runs what waited for
+    /// them once it is done. Called before the loop waits for anything.
+    fn force_turn(&mut self) {
+        if self.forced.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.forced);
         let flush = self.log.flush();
         tokio::spawn(async move {
             if let Err(e) = flush.await {
-                fatal(what, &e);
+                fatal(waiting[0].0, &e);
             }
-            then();
+            for (_, then) in waiting {
+                then();
+            }
         });
     }
 
