@@ -146,6 +146,38 @@ struct Pending {
     calls: Vec<Box<dyn Member>>,
     /// A drain job is queued at the flusher and will take `calls`.
     drain_queued: bool,
+    /// [`BatchHold`]s alive. While there are any, new calls wait in `held`, where no drain
+    /// takes them; the last hold dropped moves them to `calls`.
+    holds: usize,
+    held: Vec<Box<dyn Member>>,
+}
+
+/// Keeps the flusher from taking the queued calls until it is dropped, so that calls queued
+/// together (the items of one `ActBatch`) land in the same transaction and flush. Without it
+/// the flusher thread, woken by the first call, would take a few and leave the rest (and with
+/// them the whole batched answer) for the next flush. Must be dropped before anyone waits for
+/// a call queued under it.
+pub(crate) struct BatchHold {
+    batcher: Arc<TxnBatcher>,
+}
+
+impl Drop for BatchHold {
+    fn drop(&mut self) {
+        let queue_drain = {
+            let mut pending = self.batcher.pending.lock().unwrap();
+            pending.holds -= 1;
+            if pending.holds > 0 || pending.held.is_empty() {
+                false
+            } else {
+                let held = std::mem::take(&mut pending.held);
+                pending.calls.extend(held);
+                !std::mem::replace(&mut pending.drain_queued, true)
+            }
+        };
+        if queue_drain {
+            self.batcher.queue_drain();
+        }
+    }
 }
 
 impl TxnBatcher {
@@ -171,8 +203,13 @@ impl TxnBatcher {
         });
         let queue_drain = {
             let mut pending = self.pending.lock().unwrap();
-            pending.calls.push(call);
-            !std::mem::replace(&mut pending.drain_queued, true)
+            if pending.holds > 0 {
+                pending.held.push(call);
+                false
+            } else {
+                pending.calls.push(call);
+                !std::mem::replace(&mut pending.drain_queued, true)
+            }
         };
         if queue_drain {
             self.queue_drain();
@@ -182,10 +219,19 @@ impl TxnBatcher {
             .map_err(|_| Error::Flush(FlushError::Stopped))?
     }
 
+    /// Holds the calls queued from now on until the hold is dropped (see [`BatchHold`]).
+    pub(crate) fn hold(self: &Arc<Self>) -> BatchHold {
+        self.pending.lock().unwrap().holds += 1;
+        BatchHold {
+            batcher: self.clone(),
+        }
+    }
+
     /// Calls waiting for the next batch.
     #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
-        self.pending.lock().unwrap().calls.len()
+        let pending = self.pending.lock().unwrap();
+        pending.calls.len() + pending.held.len()
     }
 
     fn queue_drain(self: &Arc<Self>) {

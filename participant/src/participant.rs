@@ -409,6 +409,12 @@ pub struct PreparedBranch {
 }
 
 impl Participant {
+    /// Keeps the calls queued from now on out of the next transaction batch until the hold is
+    /// dropped, so that they land in one batch together (the items of a step batch).
+    pub(crate) fn hold_batch(&self) -> crate::batch::BatchHold {
+        self.inner.batcher.hold()
+    }
+
     /// Starts building a participant whose data lives in folder `dir`.
     pub fn builder(dir: impl AsRef<Path>) -> ParticipantBuilder {
         ParticipantBuilder {

@@ -471,8 +471,18 @@ impl ParticipantService {
         let answers = futures::future::join_all(steps.into_iter().map(|step| {
             let trace = step_trace(None, &step);
             run(step, trace)
-        }));
-        Ok(answers.instrument(span).await)
+        }))
+        .instrument(span);
+        let mut answers = std::pin::pin!(answers);
+        // The first poll queues every item's call (nothing awaits before the batcher), under a
+        // hold: the flusher then takes them all into one transaction and one flush.
+        let hold = self.participant.hold_batch();
+        let first = futures::poll!(answers.as_mut());
+        drop(hold);
+        Ok(match first {
+            std::task::Poll::Ready(answers) => answers,
+            std::task::Poll::Pending => answers.await,
+        })
     }
 
     /// One step's action, as `Act` and every item of `ActBatch` run it.

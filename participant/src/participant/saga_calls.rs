@@ -835,6 +835,46 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_queued_under_a_hold_wait_for_it_and_then_commit_in_one_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let participant = open(dir.path());
+        let flushes = |p: &Participant| {
+            p.inner
+                .flusher
+                .stats()
+                .flushes
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let before = flushes(&participant);
+        let hold = participant.hold_batch();
+        let calls: Vec<_> = (0..3)
+            .map(|i| {
+                let p = participant.clone();
+                tokio::spawn(async move { p.act(&step(30, i), b"k=1").await })
+            })
+            .collect();
+        while participant.inner.batcher_queued() < calls.len() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // The flusher is idle, but nothing queued under the hold is taken.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(flushes(&participant), before, "a held call was flushed");
+        assert!(
+            calls.iter().all(|c| !c.is_finished()),
+            "a held call was answered"
+        );
+        drop(hold);
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap(), StepOutcome::Succeeded);
+        }
+        assert_eq!(
+            flushes(&participant),
+            before + 1,
+            "the three held calls share one transaction and one flush"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_batch_mixes_two_phase_and_saga_calls_and_every_answer_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let participant = open(dir.path());
