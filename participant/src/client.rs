@@ -74,6 +74,7 @@ use tracing::Instrument;
 
 use crate::error::Error;
 use crate::saga_state::{SagaChange, SagaState};
+use crate::wait_stream::{WaitStreams, Waited};
 
 /// How many times a call is tried before its last error is returned.
 const ATTEMPTS_MAX: u32 = 4;
@@ -338,7 +339,7 @@ fn traced<T>(message: T, trace: &TraceContext) -> tonic::Request<T> {
     request
 }
 
-type CoordinatorClient =
+pub(crate) type CoordinatorClient =
     pb::coordinator_client::CoordinatorClient<InterceptedService<Channel, BearerInterceptor>>;
 
 /// How [`TandemClient::connect_with`] reaches the coordinator.
@@ -388,6 +389,7 @@ pub struct TandemClient {
     channel: Channel,
     inner: CoordinatorClient,
     submits: SubmitBatcher,
+    waits: Arc<WaitStreams>,
 }
 
 /// Saga submissions on their way to the coordinator: concurrent ones share `SubmitSagas`
@@ -584,6 +586,7 @@ impl TandemClient {
         );
         TandemClient {
             submits: submit_batcher(inner.clone()),
+            waits: WaitStreams::new(inner.clone()),
             inner,
             channel,
         }
@@ -776,33 +779,25 @@ impl TandemClient {
     }
 
     /// Waits until the saga is terminal or `timeout` has passed, and returns its state (check
-    /// [`SagaState::terminal`]). Waits longer than one call may ask for, and calls that fail
-    /// retryably (the coordinator restarting), are covered by calling again until `timeout`.
+    /// [`SagaState::terminal`]). Concurrent waits share one `WaitSagas` stream
+    /// ([`crate::wait_stream`]); to a coordinator without it, each is a `WaitSaga` call.
+    /// Waits longer than one call may ask for, and waits that fail retryably (the coordinator
+    /// restarting), are covered by waiting again until `timeout`.
     pub async fn wait(&self, id: &TxnId, timeout: Duration) -> Result<SagaState, Error> {
         let span = tracing::debug_span!("wait_saga", saga = %id);
         async {
+            if timeout.is_zero() {
+                return self.state_at_timeout(id).await;
+            }
             let deadline = Instant::now() + timeout;
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let call_ms = u64::try_from(left.as_millis())
-                    .unwrap_or(u64::MAX)
-                    .min(WAIT_CALL_MS_MAX);
-                let mut request = tonic::Request::new(pb::WaitSagaRequest {
-                    saga_id: id.to_string(),
-                    timeout_ms: call_ms,
-                });
-                let call_bound = Duration::from_millis(call_ms + WAIT_CALL_GRACE_MS);
-                request.set_timeout(call_bound);
-                let mut client = self.inner.clone();
                 let called = Instant::now();
-                let answer = match tokio::time::timeout(call_bound, client.wait_saga(request)).await
-                {
-                    Ok(Ok(answer)) => Ok(answer.into_inner()),
-                    Ok(Err(status)) => Err(status_error(status)),
-                    Err(_) => Err(Error::Unavailable(format!(
-                        "the coordinator did not answer a wait of {call_ms} ms within {} ms",
-                        call_bound.as_millis()
-                    ))),
+                let (answer, asked_ms) = match self.waits.wait(id.as_str(), left).await {
+                    Ok(Waited::State(state)) => (Ok(state), u64::MAX),
+                    Ok(Waited::TimedOut) => return self.state_at_timeout(id).await,
+                    Ok(Waited::Unsupported) => self.wait_call(id, left).await,
+                    Err(status) => (Err(status_error(status)), u64::MAX),
                 };
                 let over = Instant::now() >= deadline;
                 match answer {
@@ -814,7 +809,7 @@ impl TandemClient {
                         }
                         // Not terminal with time left: the coordinator answered early (a
                         // shorter wait limit of its own). Ask again, without spinning.
-                        if called.elapsed() < Duration::from_millis(call_ms) {
+                        if called.elapsed() < Duration::from_millis(asked_ms) {
                             tokio::time::sleep(Duration::from_millis(WAIT_PAUSE_MS).min(left))
                                 .await;
                         }
@@ -829,6 +824,52 @@ impl TandemClient {
         }
         .instrument(span)
         .await
+    }
+
+    /// One `WaitSaga` call of at most `left` (and at most what one call may ask for), bounded
+    /// by a grace on top; with the limit it asked for, in ms.
+    async fn wait_call(&self, id: &TxnId, left: Duration) -> (Result<pb::SagaState, Error>, u64) {
+        let call_ms = u64::try_from(left.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(WAIT_CALL_MS_MAX);
+        let mut request = tonic::Request::new(pb::WaitSagaRequest {
+            saga_id: id.to_string(),
+            timeout_ms: call_ms,
+        });
+        let call_bound = Duration::from_millis(call_ms + WAIT_CALL_GRACE_MS);
+        request.set_timeout(call_bound);
+        let mut client = self.inner.clone();
+        let answer = match tokio::time::timeout(call_bound, client.wait_saga(request)).await {
+            Ok(Ok(answer)) => Ok(answer.into_inner()),
+            Ok(Err(status)) => Err(status_error(status)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "the coordinator did not answer a wait of {call_ms} ms within {} ms",
+                call_bound.as_millis()
+            ))),
+        };
+        (answer, call_ms)
+    }
+
+    /// The saga's state when a wait's time is up: one `GetSaga` call, bounded like the grace
+    /// of a `WaitSaga` call.
+    async fn state_at_timeout(&self, id: &TxnId) -> Result<SagaState, Error> {
+        let mut request = tonic::Request::new(pb::GetSagaRequest {
+            saga_id: id.to_string(),
+        });
+        let bound = Duration::from_millis(WAIT_CALL_GRACE_MS);
+        request.set_timeout(bound);
+        let mut client = self.inner.clone();
+        let state = match tokio::time::timeout(bound, client.get_saga(request)).await {
+            Ok(Ok(answer)) => answer.into_inner(),
+            Ok(Err(status)) => return Err(status_error(status)),
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "the coordinator did not answer within {} ms",
+                    bound.as_millis()
+                )))
+            }
+        };
+        SagaState::from_pb(state).map_err(|e| malformed_answer("saga state", e))
     }
 
     /// Streams the saga's changes in order: every change recorded so far, then each new one
@@ -963,6 +1004,14 @@ mod tests {
         waits: std::sync::atomic::AtomicU32,
         takes_batches: bool,
         batches: std::sync::atomic::AtomicU32,
+        /// Whether it serves `WaitSagas`: each id is answered COMPLETED after 50 ms, except
+        /// ids ending in `missing` (NOT_FOUND) and `slow` (never answered).
+        takes_wait_streams: bool,
+        wait_streams: std::sync::atomic::AtomicU32,
+        /// Wait streams whose client has not closed its side yet.
+        wait_streams_open: Arc<std::sync::atomic::AtomicI32>,
+        /// Every id sent on a wait stream, in order.
+        waited_ids: Arc<std::sync::Mutex<Vec<String>>>,
     }
 
     fn fake_state(id: &str, phase: pb::SagaPhase) -> pb::SagaState {
@@ -1076,6 +1125,62 @@ mod tests {
                 pb::SagaPhase::Completed
             };
             Ok(tonic::Response::new(fake_state(&request.saga_id, phase)))
+        }
+        type WaitSagasStream = std::pin::Pin<
+            Box<dyn Stream<Item = Result<pb::WaitSagasResponse, tonic::Status>> + Send + 'static>,
+        >;
+        async fn wait_sagas(
+            &self,
+            request: tonic::Request<tonic::Streaming<pb::WaitSagasRequest>>,
+        ) -> Result<tonic::Response<Self::WaitSagasStream>, tonic::Status> {
+            if !self.takes_wait_streams {
+                return Err(tonic::Status::unimplemented("fake"));
+            }
+            self.wait_streams
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let open = self.wait_streams_open.clone();
+            open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let waited_ids = self.waited_ids.clone();
+            let mut incoming = request.into_inner();
+            let (answers, stream) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(async move {
+                while let Some(Ok(message)) = incoming.next().await {
+                    waited_ids
+                        .lock()
+                        .unwrap()
+                        .extend(message.saga_ids.iter().cloned());
+                    let answers = answers.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let results = message
+                            .saga_ids
+                            .into_iter()
+                            .filter(|id| !id.ends_with("slow"))
+                            .map(|id| {
+                                let result = if id.ends_with("missing") {
+                                    pb::wait_saga_result::Result::Error(
+                                        (&tonic::Status::not_found("no such saga")).into(),
+                                    )
+                                } else {
+                                    pb::wait_saga_result::Result::State(fake_state(
+                                        &id,
+                                        pb::SagaPhase::Completed,
+                                    ))
+                                };
+                                pb::WaitSagaResult {
+                                    saga_id: id,
+                                    result: Some(result),
+                                }
+                            })
+                            .collect();
+                        let _ = answers.send(Ok(pb::WaitSagasResponse { results })).await;
+                    });
+                }
+                open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            });
+            Ok(tonic::Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(stream),
+            )))
         }
         type WatchSagaStream = std::pin::Pin<
             Box<dyn Stream<Item = Result<pb::SagaChange, tonic::Status>> + Send + 'static>,
@@ -1230,6 +1335,76 @@ mod tests {
                 TraceContext::parse(&item.traceparent).is_ok(),
                 "an item without its trace context: {item:?}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_waits_share_one_stream_and_each_gets_its_own_answer() {
+        let (address, fake) = serve_fake(FakeCoordinator {
+            takes_wait_streams: true,
+            ..FakeCoordinator::default()
+        })
+        .await;
+        let client = TandemClient::connect(&address).await.unwrap();
+        let ids: Vec<TxnId> = (0..50)
+            .map(|i| TxnId::parse(&format!("1763850000000-wait{i:02}")).unwrap())
+            .collect();
+        // Two callers wait for the first saga.
+        let waits = ids.iter().chain(&ids[..1]).map(|id| {
+            let client = client.clone();
+            async move { client.wait(id, Duration::from_secs(30)).await }
+        });
+        let states = futures::future::join_all(waits).await;
+        for (state, id) in states.into_iter().zip(ids.iter().chain(&ids[..1])) {
+            let state = state.unwrap_or_else(|e| panic!("wait for {id}: {e}"));
+            assert_eq!(state.id, *id, "each caller gets its own saga's state");
+            assert!(state.terminal);
+        }
+        assert_eq!(
+            fake.wait_streams.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "51 concurrent waits share one stream"
+        );
+        let mut sent = fake.waited_ids.lock().unwrap().clone();
+        sent.sort();
+        let mut expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+        expected.sort();
+        assert_eq!(sent, expected, "each id is sent once, the shared one too");
+
+        // Errors per id, and a limit that passes: the state then comes from GetSaga.
+        let missing = TxnId::parse("1763850000000-missing").unwrap();
+        assert!(matches!(
+            client.wait(&missing, Duration::from_secs(30)).await,
+            Err(Error::Coordinator {
+                code: tonic::Code::NotFound,
+                ..
+            })
+        ));
+        let slow = TxnId::parse("1763850000000-slow").unwrap();
+        let started = Instant::now();
+        let state = client
+            .wait(&slow, Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert!(!state.terminal, "the state when the time was up");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a wait ends at its limit, took {:?}",
+            started.elapsed()
+        );
+
+        // Nobody waits any more: the client has closed every stream.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fake
+            .wait_streams_open
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "an idle client keeps a wait stream open"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod saga_state;
 pub mod server;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod wait_stream;
 
 pub use client::{
     Branch, ConnectOptions, Outcome, RetryPolicy, Saga, SagaShape, Step, TandemClient,

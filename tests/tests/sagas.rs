@@ -696,6 +696,75 @@ async fn a_batch_of_submissions_answers_each_saga_as_a_single_submission_would()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_stream_answers_each_id_once_its_saga_is_terminal_or_with_its_error() {
+    use pb::wait_saga_result::Result::{Error, State};
+    let mut cluster = Cluster::start(None, None).await;
+    let client = client(&cluster.coordinator.addr()).await;
+    let paid = client
+        .submit_saga(cluster.alice_pays("carol", 30))
+        .await
+        .unwrap();
+    let refused = client
+        .submit_saga(cluster.alice_pays("mallory", 5)) // bank B refuses credits to mallory
+        .await
+        .unwrap();
+    let mut raw = raw_coordinator(&cluster.coordinator.addr()).await;
+    let (ids, requests) = futures::channel::mpsc::unbounded();
+    let unknown = fresh_id();
+    ids.unbounded_send(pb::WaitSagasRequest {
+        saga_ids: vec![
+            paid.to_string(),
+            "not an id".into(),
+            unknown.clone(),
+            refused.to_string(),
+        ],
+    })
+    .unwrap();
+    let mut answers = raw.wait_sagas(requests).await.unwrap().into_inner();
+    let mut results = BTreeMap::new();
+    while results.len() < 4 {
+        let message = tokio::time::timeout(Duration::from_secs(30), answers.message())
+            .await
+            .expect("every id is answered within 30 s")
+            .unwrap()
+            .expect("the stream stays open while the client's side is");
+        for result in message.results {
+            assert!(
+                results
+                    .insert(result.saga_id.clone(), result.result)
+                    .is_none(),
+                "{} answered twice",
+                result.saga_id
+            );
+        }
+    }
+    let code = |id: &str| match &results[id] {
+        Some(Error(e)) => tonic::Code::from(e.code),
+        other => panic!("{id}: expected an error, got {other:?}"),
+    };
+    assert_eq!(code("not an id"), tonic::Code::InvalidArgument);
+    assert_eq!(code(&unknown), tonic::Code::NotFound);
+    let phase = |id: &TxnId| match &results[id.as_str()] {
+        Some(State(state)) => {
+            assert!(state.terminal, "{state:?}");
+            pb::SagaPhase::try_from(state.phase).unwrap()
+        }
+        other => panic!("{id}: expected its state, got {other:?}"),
+    };
+    assert_eq!(phase(&paid), pb::SagaPhase::Completed);
+    assert_eq!(phase(&refused), pb::SagaPhase::Compensated);
+
+    // A message over the item limit ends the stream with INVALID_ARGUMENT.
+    ids.unbounded_send(pb::WaitSagasRequest {
+        saga_ids: (0..513).map(|_| fresh_id()).collect(),
+    })
+    .unwrap();
+    let status = answers.message().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(cluster.stop_banks().await, after_alice_paid_carol(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graph_saga_runs_independent_steps_and_joins_before_the_last() {
     let mut cluster = Cluster::start(None, None).await;
     let client = client(&cluster.coordinator.addr()).await;

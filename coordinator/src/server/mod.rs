@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod saga;
+pub mod wait_stream;
 
 use std::time::Instant;
 
@@ -486,6 +487,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             }
             .into()),
         }
+    }
+
+    type WaitSagasStream = wait_stream::WaitSagasStream;
+
+    async fn wait_sagas(
+        &self,
+        request: Request<tonic::Streaming<pb::WaitSagasRequest>>,
+    ) -> Result<Response<Self::WaitSagasStream>, Status> {
+        Ok(Response::new(wait_stream::serve(
+            self.handle.clone(),
+            request.into_inner(),
+        )))
     }
 
     async fn watch_saga(
