@@ -1012,6 +1012,8 @@ mod tests {
         wait_streams_open: Arc<std::sync::atomic::AtomicI32>,
         /// Every id sent on a wait stream, in order.
         waited_ids: Arc<std::sync::Mutex<Vec<String>>>,
+        /// Set once a stream was broken for an id ending in `break` (the first time only).
+        broke_once: Arc<std::sync::atomic::AtomicBool>,
     }
 
     fn fake_state(id: &str, phase: pb::SagaPhase) -> pb::SagaState {
@@ -1141,6 +1143,7 @@ mod tests {
             let open = self.wait_streams_open.clone();
             open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let waited_ids = self.waited_ids.clone();
+            let broke_once = self.broke_once.clone();
             let mut incoming = request.into_inner();
             let (answers, stream) = tokio::sync::mpsc::channel(64);
             tokio::spawn(async move {
@@ -1149,6 +1152,14 @@ mod tests {
                         .lock()
                         .unwrap()
                         .extend(message.saga_ids.iter().cloned());
+                    if message.saga_ids.iter().any(|id| id.ends_with("break"))
+                        && !broke_once.swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        // What a stream cut by its connection ends with.
+                        let cut = tonic::Status::unknown("h2 protocol error: connection reset");
+                        let _ = answers.send(Err(cut)).await;
+                        break;
+                    }
                     let answers = answers.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1406,5 +1417,23 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_wait_whose_stream_breaks_waits_again_on_a_new_stream() {
+        let (address, fake) = serve_fake(FakeCoordinator {
+            takes_wait_streams: true,
+            ..FakeCoordinator::default()
+        })
+        .await;
+        let client = TandemClient::connect(&address).await.unwrap();
+        let id = TxnId::parse("1763850000000-break").unwrap();
+        let state = client.wait(&id, Duration::from_secs(30)).await.unwrap();
+        assert!(state.terminal, "{state:?}");
+        assert_eq!(
+            fake.wait_streams.load(std::sync::atomic::Ordering::Relaxed),
+            2,
+            "the broken stream was replaced by a new one"
+        );
     }
 }

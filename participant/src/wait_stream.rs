@@ -170,7 +170,7 @@ impl WaitStreams {
                                     "the coordinator ended the wait stream",
                                 )
                             }
-                            Err(status) => break status,
+                            Err(status) => break broken(status),
                         }
                     }
                 }
@@ -179,12 +179,24 @@ impl WaitStreams {
                         tracing::debug!("the coordinator takes no WaitSagas; waiting one by one");
                         streams.state.lock().expect("wait streams lock").unsupported = true;
                     }
-                    status
+                    broken(status)
                 }
             };
             delivering.end(ended);
         });
         stream
+    }
+}
+
+/// A stream cut by its connection (the coordinator died or restarted) ends with UNKNOWN or
+/// CANCELLED. Waiting changes nothing, so its waiters may simply wait again: UNAVAILABLE,
+/// which `TandemClient::wait` retries (found by the chaos run).
+fn broken(status: tonic::Status) -> tonic::Status {
+    match status.code() {
+        tonic::Code::Unknown | tonic::Code::Cancelled => {
+            tonic::Status::unavailable(format!("the wait stream broke: {}", status.message()))
+        }
+        _ => status,
     }
 }
 
