@@ -152,6 +152,14 @@ struct Pending {
     held: Vec<Box<dyn Member>>,
 }
 
+impl Pending {
+    /// Queues `calls` for the next drain; true if the caller must queue that drain (none is).
+    fn queue(&mut self, calls: impl IntoIterator<Item = Box<dyn Member>>) -> bool {
+        self.calls.extend(calls);
+        !std::mem::replace(&mut self.drain_queued, true)
+    }
+}
+
 /// Keeps the flusher from taking the queued calls until it is dropped, so that calls queued
 /// together (the items of one `ActBatch`) land in the same transaction and flush. Without it
 /// the flusher thread, woken by the first call, would take a few and leave the rest (and with
@@ -170,8 +178,7 @@ impl Drop for BatchHold {
                 false
             } else {
                 let held = std::mem::take(&mut pending.held);
-                pending.calls.extend(held);
-                !std::mem::replace(&mut pending.drain_queued, true)
+                pending.queue(held)
             }
         };
         if queue_drain {
@@ -207,8 +214,7 @@ impl TxnBatcher {
                 pending.held.push(call);
                 false
             } else {
-                pending.calls.push(call);
-                !std::mem::replace(&mut pending.drain_queued, true)
+                pending.queue([call as Box<dyn Member>])
             }
         };
         if queue_drain {

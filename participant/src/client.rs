@@ -832,44 +832,61 @@ impl TandemClient {
         let call_ms = u64::try_from(left.as_millis())
             .unwrap_or(u64::MAX)
             .min(WAIT_CALL_MS_MAX);
-        let mut request = tonic::Request::new(pb::WaitSagaRequest {
+        let request = pb::WaitSagaRequest {
             saga_id: id.to_string(),
             timeout_ms: call_ms,
-        });
-        let call_bound = Duration::from_millis(call_ms + WAIT_CALL_GRACE_MS);
-        request.set_timeout(call_bound);
-        let mut client = self.inner.clone();
-        let answer = match tokio::time::timeout(call_bound, client.wait_saga(request)).await {
-            Ok(Ok(answer)) => Ok(answer.into_inner()),
-            Ok(Err(status)) => Err(status_error(status)),
-            Err(_) => Err(Error::Unavailable(format!(
-                "the coordinator did not answer a wait of {call_ms} ms within {} ms",
-                call_bound.as_millis()
-            ))),
         };
+        let bound = Duration::from_millis(call_ms + WAIT_CALL_GRACE_MS);
+        let answer = self
+            .call_within(
+                request,
+                bound,
+                format!("a wait of {call_ms} ms"),
+                |mut c, r| async move { c.wait_saga(r).await },
+            )
+            .await;
         (answer, call_ms)
     }
 
     /// The saga's state when a wait's time is up: one `GetSaga` call, bounded like the grace
     /// of a `WaitSaga` call.
     async fn state_at_timeout(&self, id: &TxnId) -> Result<SagaState, Error> {
-        let mut request = tonic::Request::new(pb::GetSagaRequest {
+        let request = pb::GetSagaRequest {
             saga_id: id.to_string(),
-        });
-        let bound = Duration::from_millis(WAIT_CALL_GRACE_MS);
-        request.set_timeout(bound);
-        let mut client = self.inner.clone();
-        let state = match tokio::time::timeout(bound, client.get_saga(request)).await {
-            Ok(Ok(answer)) => answer.into_inner(),
-            Ok(Err(status)) => return Err(status_error(status)),
-            Err(_) => {
-                return Err(Error::Unavailable(format!(
-                    "the coordinator did not answer within {} ms",
-                    bound.as_millis()
-                )))
-            }
         };
+        let bound = Duration::from_millis(WAIT_CALL_GRACE_MS);
+        let state = self
+            .call_within(request, bound, "a saga's state", |mut c, r| async move {
+                c.get_saga(r).await
+            })
+            .await?;
         SagaState::from_pb(state).map_err(|e| malformed_answer("saga state", e))
+    }
+
+    /// One call of `message`, bounded by `bound` as its gRPC deadline and by a local timer
+    /// (which also covers a coordinator that took the call and never answers); `what` names
+    /// the call in the error when the bound passes.
+    async fn call_within<M, T, F, Fut>(
+        &self,
+        message: M,
+        bound: Duration,
+        what: impl std::fmt::Display,
+        call: F,
+    ) -> Result<T, Error>
+    where
+        F: FnOnce(CoordinatorClient, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(bound);
+        match tokio::time::timeout(bound, call(self.inner.clone(), request)).await {
+            Ok(Ok(answer)) => Ok(answer.into_inner()),
+            Ok(Err(status)) => Err(status_error(status)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "the coordinator did not answer {what} within {} ms",
+                bound.as_millis()
+            ))),
+        }
     }
 
     /// Streams the saga's changes in order: every change recorded so far, then each new one

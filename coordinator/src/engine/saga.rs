@@ -805,6 +805,14 @@ impl SagaEngine {
         })
     }
 
+    /// Whether the outcome of a saga in flight is durable (what [`SagaEngine::status`] would
+    /// show as terminal), without making a snapshot; `None` if the saga is not in flight.
+    pub fn outcome_durable(&self, saga: &TxnId) -> Option<bool> {
+        self.sagas
+            .get(saga)
+            .map(|m| m.progress.phase.is_terminal() && !m.outcome_pending)
+    }
+
     /// The fingerprint of a saga in flight (to tell a client's retry from a conflicting id).
     pub fn fingerprint(&self, saga: &TxnId) -> Option<&Fingerprint> {
         self.sagas.get(saga).map(|m| &m.fingerprint)

@@ -687,6 +687,7 @@ fn sequence_runs_one_step_at_a_time_and_completes() {
     let status = s.status();
     assert_eq!(status.phase, SagaPhase::Completed);
     assert_eq!(status.outcome, None, "not reported before it is durable");
+    assert_eq!(s.engine.outcome_durable(&s.id), Some(false), "nor that way");
     assert_eq!(s.abort("late"), nothing(), "no abort once completed");
     // The outcome record already holds everything: a completed saga without a callback
     // writes nothing more.
@@ -802,8 +803,10 @@ fn a_lone_step_completes_and_its_callback_is_sent_once_durable() {
     );
     let status = s.status();
     assert_eq!(status.outcome, Some(SagaOutcome::Completed));
+    assert_eq!(s.engine.outcome_durable(&s.id), Some(true));
     assert!(!status.callback_delivered);
     assert_eq!(s.callback(1, true), ["persist progress", "finished"]);
+    assert_eq!(s.engine.outcome_durable(&s.id), None, "no longer in flight");
     assert!(s.last_record().callback_delivered);
     assert_eq!(s.engine.in_flight(), 0);
 }

@@ -122,8 +122,8 @@ pub(super) struct SagaSide {
     /// When the next checkpoint writes `unwritten_progress` (ms since the epoch).
     pub(super) checkpoint_due_ms: Option<u64>,
     /// The view of the saga whose step is being applied, made once for all the effects that
-    /// need it (its FINISHED change, `Terminal`, the callback); for a saga the engine has let
-    /// go that is a read of the log.
+    /// need it (its FINISHED change, `Terminal`, the callback); a step that makes the saga
+    /// terminal brings it with its `Terminal` effect.
     view_read: Option<SagaView>,
 }
 
@@ -160,16 +160,22 @@ impl SagaSide {
 
     fn view_in_flight(&self, saga: &TxnId) -> Option<SagaView> {
         let status = self.engine.status(saga)?;
+        Some(self.view_with(saga, status))
+    }
+
+    /// The view of a saga the runtime knows the step names of (in the engine, or finishing
+    /// in the step being applied) in `status`.
+    fn view_with(&self, saga: &TxnId, status: SagaStatus) -> SagaView {
         let step_names = self
             .step_names
             .get(saga)
             .cloned()
-            .unwrap_or_else(|| panic!("{saga}: in the saga engine without its step names"));
-        Some(SagaView {
+            .unwrap_or_else(|| panic!("{saga}: a saga in flight without its step names"));
+        SagaView {
             saga: saga.clone(),
             step_names,
             status,
-        })
+        }
     }
 
     fn remember_finished_history(&mut self, saga: TxnId, history: Vec<SagaChange>) {
@@ -284,19 +290,25 @@ impl Runtime {
             SagaCommand::Get { saga, reply } => {
                 let _ = reply.send(self.saga_view(&saga));
             }
-            SagaCommand::Wait { saga, reply } => match self.saga_view(&saga) {
-                Ok(Some(view))
-                    if !(view.status.phase.is_terminal() && view.status.outcome.is_some()) =>
-                {
-                    let waiters = self.sagas.terminal_waiters.entry(saga).or_default();
-                    // Waiters that timed out leave closed senders behind; drop them here.
-                    waiters.retain(|w| !w.is_closed());
-                    waiters.push(reply);
+            SagaCommand::Wait { saga, reply } => {
+                // Most waits are for sagas still running: those are parked without making a
+                // view (every saga has one wait, through the clients' wait streams).
+                if self.sagas.engine.outcome_durable(&saga) != Some(false) {
+                    match self.saga_view(&saga) {
+                        Ok(Some(view))
+                            if !(view.status.phase.is_terminal()
+                                && view.status.outcome.is_some()) => {}
+                        answer => {
+                            let _ = reply.send(answer);
+                            return;
+                        }
+                    }
                 }
-                answer => {
-                    let _ = reply.send(answer);
-                }
-            },
+                let waiters = self.sagas.terminal_waiters.entry(saga).or_default();
+                // Waiters that timed out leave closed senders behind; drop them here.
+                waiters.retain(|w| !w.is_closed());
+                waiters.push(reply);
+            }
             SagaCommand::Watch { saga, reply } => {
                 let _ = reply.send(self.on_watch(saga));
             }
@@ -515,10 +527,10 @@ impl Runtime {
     }
 
     fn apply_saga_effects(&mut self, effects: Vec<SagaEffect>) {
-        // Writes first (in the order emitted), then everything else: a view read from the log
-        // for a Notify or Terminal of this same step (the engine may already have dropped the
-        // saga) must see this step's progress. Writing progress before sending is safe: a
-        // crash in between only re-sends, which the participants' barrier absorbs.
+        // Writes first (in the order emitted), then everything else: anyone who reads the log
+        // after this step (a view of a saga the engine has let go, the retention task) must
+        // see this step's progress. Writing progress before sending is safe: a crash in
+        // between only re-sends, which the participants' barrier absorbs.
         let (writes, others): (Vec<_>, Vec<_>) = effects.into_iter().partition(|effect| {
             matches!(
                 effect,
@@ -530,16 +542,9 @@ impl Runtime {
         // A saga that became terminal in this step brings its view along: the engine may
         // already have let it go, and the Notify, callback and waiters of this step need it.
         if let Some(view) = others.iter().find_map(|effect| match effect {
-            SagaEffect::Terminal { saga, status, .. } => Some(SagaView {
-                saga: saga.clone(),
-                step_names: self
-                    .sagas
-                    .step_names
-                    .get(saga)
-                    .cloned()
-                    .unwrap_or_else(|| panic!("{saga}: terminal without its step names")),
-                status: status.clone(),
-            }),
+            SagaEffect::Terminal { saga, status, .. } => {
+                Some(self.sagas.view_with(saga, status.clone()))
+            }
             _ => None,
         }) {
             self.sagas.view_read = Some(view);

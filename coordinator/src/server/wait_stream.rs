@@ -72,7 +72,7 @@ pub fn serve(
                             }
                             let handle = handle.clone();
                             pending.push(async move {
-                                let answer = handle.wait_saga_terminal(saga.clone()).await;
+                                let answer = handle.wait_saga_terminal(saga).await;
                                 (id, answer)
                             });
                         }
