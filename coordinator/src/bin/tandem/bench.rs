@@ -86,9 +86,23 @@ pub struct LoadArgs {
     /// Accounts per bank.
     #[arg(long, default_value_t = 1_000)]
     accounts: u32,
+    /// Clients of the coordinator (each its own connection) shared by the closed loops and
+    /// the pings. One by default, as a service holds one `TandemClient` whose clones share
+    /// it: concurrent submissions then share `SubmitSagas` calls and waits share one stream.
+    #[arg(long, default_value_t = 1)]
+    connections: u32,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+impl LoadArgs {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.concurrency == 0 || self.accounts == 0 || self.connections == 0 {
+            bail!("--concurrency, --accounts and --connections must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -229,16 +243,14 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
     if args.participants < 2 {
         bail!("--participants must be at least 2 (a transfer debits one bank and credits another)");
     }
-    if args.load.concurrency == 0 || args.load.accounts == 0 {
-        bail!("--concurrency and --accounts must be at least 1");
-    }
-    let cluster = Cluster::start(args.participants, args.load.accounts, &[]).await?;
+    args.load.check()?;
+    let cluster = Cluster::start(args.participants, &args.load, &[]).await?;
     let (coordinator, bank_addrs, clients) =
         (&cluster.coordinator, &cluster.bank_addrs, &cluster.clients);
     if !args.load.json {
         eprintln!(
-            "bench 2pc: coordinator {} + {} banks ({} accounts each), concurrency {}, {:?} after {:?} warm-up",
-            coordinator.address(), args.participants, args.load.accounts, args.load.concurrency, args.load.duration, args.load.warmup
+            "bench 2pc: coordinator {} + {} banks ({} accounts each), concurrency {} over {} client(s), {:?} after {:?} warm-up",
+            coordinator.address(), args.participants, args.load.accounts, args.load.concurrency, args.load.connections, args.load.duration, args.load.warmup
         );
     }
 
@@ -309,6 +321,7 @@ async fn two_pc(args: TwoPcArgs) -> anyhow::Result<()> {
                 "bench": "2pc",
                 "participants": args.participants,
                 "concurrency": args.load.concurrency,
+                "connections": args.load.connections,
                 "duration_s": seconds,
                 "committed": committed,
                 "aborted": aborted,
@@ -338,7 +351,7 @@ struct Cluster {
     coordinator: ChildServer,
     _banks: Vec<ChildServer>,
     bank_addrs: Vec<String>,
-    /// A few client connections to share among the closed loops.
+    /// The clients the closed loops share (`--connections`).
     clients: Vec<TandemClient>,
     _folders: tempfile::TempDir,
 }
@@ -346,9 +359,10 @@ struct Cluster {
 impl Cluster {
     async fn start(
         participants: u32,
-        accounts: u32,
+        load: &LoadArgs,
         serve_args: &[&str],
     ) -> anyhow::Result<Cluster> {
+        let accounts = load.accounts;
         let exe = std::env::current_exe().context("locating this executable")?;
         let folders = tempfile::tempdir()?;
         let spawn_timeout = Duration::from_secs(30);
@@ -376,7 +390,7 @@ impl Cluster {
         }
         let bank_addrs = banks.iter().map(|b| b.address()).collect();
         let mut clients = Vec::new();
-        for _ in 0..8 {
+        for _ in 0..load.connections {
             clients.push(TandemClient::connect(&coordinator.address()).await?);
         }
         Ok(Cluster {
@@ -459,9 +473,10 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
     if args.steps < 2 || args.steps > 32 {
         bail!("--steps must be between 2 and 32 (a debit and at least one credit)");
     }
-    if args.participants == 0 || args.load.concurrency == 0 || args.load.accounts == 0 {
-        bail!("--participants, --concurrency and --accounts must be at least 1");
+    if args.participants == 0 {
+        bail!("--participants must be at least 1");
     }
+    args.load.check()?;
     // Submissions outrun execution in --submit-only: let the backlog grow instead of
     // measuring the admission limit.
     let serve_args: &[&str] = if args.submit_only {
@@ -469,7 +484,7 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
     } else {
         &[]
     };
-    let cluster = Cluster::start(args.participants, args.load.accounts, serve_args).await?;
+    let cluster = Cluster::start(args.participants, &args.load, serve_args).await?;
     let mode = if args.submit_only {
         "submit-only"
     } else {
@@ -477,8 +492,8 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
     };
     if !args.load.json {
         eprintln!(
-            "bench saga: coordinator {} + {} banks ({} accounts each), {} steps, concurrency {}, {mode}, {:?} after {:?} warm-up",
-            cluster.coordinator.address(), args.participants, args.load.accounts, args.steps, args.load.concurrency, args.load.duration, args.load.warmup
+            "bench saga: coordinator {} + {} banks ({} accounts each), {} steps, concurrency {} over {} client(s), {mode}, {:?} after {:?} warm-up",
+            cluster.coordinator.address(), args.participants, args.load.accounts, args.steps, args.load.concurrency, args.load.connections, args.load.duration, args.load.warmup
         );
     }
     let ping_rate = ping_rate(
@@ -559,6 +574,7 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
                 "steps": args.steps,
                 "participants": args.participants,
                 "concurrency": args.load.concurrency,
+                "connections": args.load.connections,
                 "duration_s": seconds,
                 "completed": if args.submit_only { 0 } else { completed },
                 "accepted": completed + compensated,
