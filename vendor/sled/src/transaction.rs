@@ -349,7 +349,10 @@ impl TransactionalTree {
     }
 
     fn unstage(&self) {
-        unimplemented!()
+        // TANDEM PATCH (see vendor/README.md): upstream left `unimplemented!()`
+        // here. It is never reached: `stage` cannot fail and `validate` is
+        // always true, the only two ways `transaction` calls `unstage`.
+        unreachable!("sled: a transactional tree is never unstaged")
     }
 
     const fn validate(&self) -> bool {
