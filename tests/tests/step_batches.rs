@@ -159,15 +159,30 @@ async fn a_step_call_alone_goes_out_at_once_in_a_batch_of_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_timing_out_in_a_batch_fails_alone_with_its_own_timeout() {
-    let hold = Duration::from_millis(1_000);
+    let hold = Duration::from_millis(2_000);
     let participant = ScriptedParticipant::start(hold).await;
     let transport = std::sync::Arc::new(GrpcTransport::new());
-    // Fill every batch slot, so that the next two calls queue and leave together.
-    let fillers: Vec<_> = (0..STEP_BATCHES_IN_FLIGHT)
-        .map(|n| tokio::spawn(transport.act(call(&participant, n, "ok", LONG))))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let short = Duration::from_millis(1_500);
+    // Fill every batch slot, so that the next two calls queue and leave together. One filler
+    // at a time, each seen arriving in a batch of its own: fillers started together may share
+    // one batch (a sender takes everything queued), which leaves slots free.
+    let mut fillers = Vec::new();
+    for n in 0..STEP_BATCHES_IN_FLIGHT {
+        fillers.push(tokio::spawn(transport.act(call(
+            &participant,
+            n,
+            "ok",
+            LONG,
+        ))));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while participant.received().act_batches.len() <= n {
+            assert!(
+                Instant::now() < deadline,
+                "filler {n} did not reach the participant within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let short = Duration::from_millis(2_500);
     let (impatient, patient) = (STEP_BATCHES_IN_FLIGHT, STEP_BATCHES_IN_FLIGHT + 1);
     let started = Instant::now();
     let impatient_answer = tokio::spawn(transport.act(call(&participant, impatient, "ok", short)));
