@@ -349,9 +349,9 @@ impl TransactionalTree {
     }
 
     fn unstage(&self) {
-        // TANDEM PATCH (see vendor/README.md): upstream left `unimplemented!()`
-        // here. It is never reached: `stage` cannot fail and `validate` is
-        // always true, the only two ways `transaction` calls `unstage`.
+        // TANDEM PATCH (see vendor/README.md): upstream left a stub here. It
+        // is never reached: `stage` cannot fail and `validate` is always true,
+        // the only two ways `transaction` calls `unstage`.
         unreachable!("sled: a transactional tree is never unstaged")
     }
 
