@@ -110,6 +110,9 @@ pub struct CoordinatorConfig {
     pub saga_callback_backoff: Backoff,
     /// Most sagas in flight; beyond it new ones get RESOURCE_EXHAUSTED.
     pub saga_in_flight_max: usize,
+    /// Start with saga execution held (see `Runtime::set_saga_hold`): sagas accepted, and
+    /// recovered ones that had not started, wait for an operator to resume them.
+    pub hold_sagas: bool,
     /// Most requests queued for the runtime; beyond it new ones get RESOURCE_EXHAUSTED at
     /// once rather than waiting.
     pub request_queue_max: usize,
@@ -162,6 +165,7 @@ impl CoordinatorConfig {
             saga_stuck_after_failures: STUCK_AFTER_FAILURES_DEFAULT,
             saga_callback_backoff: Backoff::default(),
             saga_in_flight_max: 10_000,
+            hold_sagas: false,
             request_queue_max: 4_096,
             overload_retry_after_ms: 100,
             shutdown_grace: Duration::from_secs(10),

@@ -167,6 +167,7 @@ pub struct Metrics {
     in_flight: [Gauge; 2],
     retries: [Counter; 4],
     sagas_stuck: Gauge,
+    sagas_held: Gauge,
     log_size: Gauge,
     /// The log whose size a scrape reports.
     log: OnceLock<Arc<dyn TxnLog>>,
@@ -258,6 +259,12 @@ impl Metrics {
             "Sagas whose compensation in progress has failed saga_stuck_after_failures times in a row",
             sagas_stuck.clone(),
         );
+        let sagas_held = Gauge::default();
+        registry.register(
+            "tandem_sagas_held",
+            "Sagas accepted while execution was held, waiting to be released",
+            sagas_held.clone(),
+        );
         let log_size = Gauge::default();
         registry.register(
             "tandem_log_size_bytes",
@@ -278,6 +285,7 @@ impl Metrics {
             in_flight: Kind::ALL.map(|k| in_flight.get_or_create_owned(&[("kind", k.label())])),
             retries: Retry::ALL.map(|r| retries.get_or_create_owned(&[("kind", r.label())])),
             sagas_stuck,
+            sagas_held,
             log_size,
             log: OnceLock::new(),
             registry,
@@ -315,6 +323,10 @@ impl Metrics {
 
     pub fn set_sagas_stuck(&self, n: usize) {
         self.sagas_stuck.set(n as i64);
+    }
+
+    pub fn set_sagas_held(&self, n: usize) {
+        self.sagas_held.set(n as i64);
     }
 
     pub fn set_log_size(&self, bytes: u64) {
@@ -557,6 +569,7 @@ mod tests {
         metrics.retried(Retry::Compensation);
         metrics.set_in_flight(Kind::TwoPc, 7);
         metrics.set_sagas_stuck(1);
+        metrics.set_sagas_held(3);
         metrics.set_log_size(4096);
         metrics.flushed(3, Duration::from_micros(700));
         metrics.flushed(40, Duration::from_millis(20));
@@ -611,6 +624,7 @@ mod tests {
         assert_eq!(v("tandem_retries_total", "kind=\"decision\""), 0.0);
         assert_eq!(v("tandem_transactions_in_flight", "kind=\"2pc\""), 7.0);
         assert_eq!(v("tandem_sagas_stuck", ""), 1.0);
+        assert_eq!(v("tandem_sagas_held", ""), 3.0);
         assert_eq!(v("tandem_log_size_bytes", ""), 4096.0);
         assert_eq!(v("tandem_log_flush_seconds_count", ""), 2.0);
         assert_eq!(v("tandem_log_flush_batch_size_count", ""), 2.0);

@@ -977,6 +977,7 @@ mod tests {
             stuck: false,
             callback_delivered: false,
             accepted_ms: 1,
+            held: false,
         };
         for _ in 0..3 {
             bank.saga_finished(CALLBACK, &outcome).await.unwrap();

@@ -466,6 +466,7 @@ mod tests {
             stuck: false,
             callback_delivered: false,
             accepted_ms: now - 3 * HOUR_MS,
+            held: false,
         };
         let delivery = p.saga_finished(bank::CALLBACK, &outcome).await.unwrap();
         assert_eq!(delivery, crate::CallbackDelivery::Handled);

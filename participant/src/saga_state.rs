@@ -137,6 +137,10 @@ pub struct SagaState {
     pub callback_delivered: bool,
     /// When the saga was accepted, in ms since the Unix epoch.
     pub accepted_ms: u64,
+    /// Accepted while the coordinator held saga execution: no step starts until an operator
+    /// resumes it (`tandem txn resume-sagas`).
+    #[serde(default)]
+    pub held: bool,
 }
 
 impl SagaState {
@@ -196,6 +200,7 @@ impl SagaState {
             stuck: state.stuck,
             callback_delivered: state.callback_delivered,
             accepted_ms: state.accepted_ms,
+            held: state.held,
         })
     }
 }
@@ -333,6 +338,7 @@ pub(crate) mod tests {
             stuck: false,
             callback_delivered: true,
             accepted_ms: 1_763_850_000_123,
+            held: false,
         }
     }
 

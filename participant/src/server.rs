@@ -673,6 +673,7 @@ mod tests {
             stuck: false,
             callback_delivered: false,
             accepted_ms: 1,
+            held: false,
         }
     }
 

@@ -77,6 +77,17 @@
 //! completed later, which is also reverse dependency order. Steps never attempted are
 //! `Skipped`.
 //!
+//! # Holding execution
+//!
+//! While the engine holds execution ([`SagaEngine::set_hold`], an operator's lever: keep
+//! accepting while a participant is under maintenance, or measure acceptance alone), a saga
+//! that becomes accepted answers its submitter and notifies ACCEPTED like any other, but
+//! starts no step: it waits in `Running` with every step `Pending` and `held` in its status
+//! until the runtime feeds [`SagaEvent::Release`]. Sagas already running go on. A held saga
+//! writes no progress (it has none beyond what recovery rebuilds from the spec alone), and an
+//! operator abort ends it `Aborted` with nothing to compensate. Holding is not stored: a
+//! recovered saga that had not started waits only if the engine holds at recovery.
+//!
 //! # Recovery
 //!
 //! At start-up the runtime feeds [`SagaEvent::Recovered`] with the spec and the last progress
@@ -348,6 +359,8 @@ pub struct SagaStatus {
     pub callback_delivered: bool,
     /// When the saga was submitted, ms since the epoch.
     pub accepted_ms: u64,
+    /// Accepted while execution was held: no step starts until it is released.
+    pub held: bool,
 }
 
 /// What is stored about one step.
@@ -439,6 +452,7 @@ impl SagaProgress {
             stuck: self.stuck,
             callback_delivered: self.callback_delivered,
             accepted_ms,
+            held: false,
         }
     }
 
@@ -512,6 +526,9 @@ pub enum SagaEvent {
     },
     /// A timer the engine set has fired.
     TimerFired { saga: TxnId, timer: SagaTimer },
+    /// Start a held saga (see "Holding execution" above). Does nothing (no effects) to a saga
+    /// that is not held.
+    Release { saga: TxnId },
     /// An operator sends a running saga into compensation; its outcome will be `Aborted`.
     /// Does nothing (no effects) to a saga that is not `Running`.
     OperatorAbort { saga: TxnId, reason: String },
@@ -542,6 +559,7 @@ impl SagaEvent {
             | SagaEvent::TimerFired { saga, .. }
             | SagaEvent::OperatorAbort { saga, .. }
             | SagaEvent::OperatorRetry { saga }
+            | SagaEvent::Release { saga }
             | SagaEvent::Recovered { saga, .. } => saga,
         }
     }
@@ -700,6 +718,8 @@ pub struct SagaEngine {
     sagas: BTreeMap<TxnId, Saga>,
     rng: SplitMix64,
     config: SagaEngineConfig,
+    /// Sagas accepted from now on are held (see "Holding execution").
+    hold: bool,
 }
 
 impl SagaEngine {
@@ -708,7 +728,24 @@ impl SagaEngine {
             sagas: BTreeMap::new(),
             rng: SplitMix64::new(seed),
             config,
+            hold: false,
         }
+    }
+
+    /// Holds (or stops holding) the execution of sagas accepted from now on (see "Holding
+    /// execution"). Sagas already held stay held until each is released.
+    pub fn set_hold(&mut self, hold: bool) {
+        self.hold = hold;
+    }
+
+    /// Whether sagas accepted now are held.
+    pub fn holds(&self) -> bool {
+        self.hold
+    }
+
+    /// Whether a saga in flight is held (accepted, waiting for [`SagaEvent::Release`]).
+    pub fn is_held(&self, saga: &TxnId) -> bool {
+        self.sagas.get(saga).is_some_and(|m| m.held)
     }
 
     /// Applies one event at time `now_ms` and returns what the runtime must do, in order.
@@ -718,6 +755,7 @@ impl SagaEngine {
             now_ms,
             rng: &mut self.rng,
             config: &self.config,
+            hold: self.hold,
             effects: Vec::new(),
             changed: false,
             finished: false,
@@ -801,6 +839,7 @@ impl SagaEngine {
             if m.outcome_pending {
                 status.outcome = None;
             }
+            status.held = m.held;
             status
         })
     }
@@ -848,6 +887,8 @@ struct Cx<'a> {
     now_ms: u64,
     rng: &'a mut SplitMix64,
     config: &'a SagaEngineConfig,
+    /// The engine holds execution: a saga accepted in this event starts nothing.
+    hold: bool,
     effects: Vec<SagaEffect>,
     /// A change was made since the last write: a lazy `PersistProgress` goes out at the end.
     changed: bool,
@@ -872,6 +913,8 @@ struct Saga {
     /// A callback retry timer is armed, due then.
     callback_retry_at_ms: Option<u64>,
     changes: VecDeque<SagaChange>,
+    /// Accepted while execution was held; nothing started yet (see "Holding execution").
+    held: bool,
 }
 
 impl Saga {
@@ -905,6 +948,7 @@ impl Saga {
             retry_at_ms: vec![None; n],
             callback_retry_at_ms: None,
             changes: VecDeque::new(),
+            held: false,
             spec,
         }
     }
@@ -998,8 +1042,16 @@ impl Saga {
                 attempt, answer, ..
             } => self.on_callback_answered(attempt, answer, cx),
             SagaEvent::TimerFired { timer, .. } => self.on_timer(timer, cx),
+            SagaEvent::Release { .. } => {
+                if self.held {
+                    self.held = false;
+                    self.start_ready(cx);
+                } // else a duplicate, or released by an abort: ignored
+            }
             SagaEvent::OperatorAbort { reason, .. } => {
                 if self.progress.phase == SagaPhase::Running {
+                    // A held saga has nothing to compensate: it ends at once.
+                    self.held = false;
                     let reason = clip(reason, OUTCOME_REASON_BYTES_MAX);
                     self.decide(SagaOutcome::Aborted { reason }, cx);
                 } // Accepting, compensating or terminal: nothing to do; the runtime says so
@@ -1049,7 +1101,8 @@ impl Saga {
 
     // ---- Running ----------------------------------------------------------------------
 
-    /// Accepting -> Running: answer the submitter, start every step that waits for nothing.
+    /// Accepting -> Running: answer the submitter, start every step that waits for nothing
+    /// (or nothing yet, if the engine holds execution).
     fn accept(&mut self, cx: &mut Cx<'_>) {
         assert_eq!(
             self.progress.phase,
@@ -1063,6 +1116,13 @@ impl Saga {
         });
         let detail = format!("{} steps", self.spec.steps.len());
         self.notify(ChangeKind::Accepted, None, 0, detail, cx);
+        if cx.hold {
+            self.held = true;
+            // Running with every step pending is what recovery rebuilds from the spec alone:
+            // writing it would cost a write per held saga and tell the log nothing.
+            cx.changed = false;
+            return;
+        }
         self.start_ready(cx);
     }
 
@@ -1281,7 +1341,16 @@ impl Saga {
                     }
                 }
                 self.retry_at_ms.iter_mut().for_each(|r| *r = None);
-                self.progress.phase = SagaPhase::Compensating;
+                self.progress.phase = if self.progress.compensation_queue.is_empty() {
+                    // Nothing was attempted (an operator aborted a held saga): there is
+                    // nothing to compensate, so the outcome is reached once durable.
+                    match outcome {
+                        SagaOutcome::Aborted { .. } => SagaPhase::Aborted,
+                        _ => SagaPhase::Compensated,
+                    }
+                } else {
+                    SagaPhase::Compensating
+                };
             }
         }
         self.progress.outcome = Some(outcome);
@@ -1330,10 +1399,9 @@ impl Saga {
                 }
             }
             SagaPhase::Compensating => self.run_compensation_head(cx),
-            SagaPhase::Accepting
-            | SagaPhase::Running
-            | SagaPhase::Compensated
-            | SagaPhase::Aborted => {
+            // Decided with nothing to compensate (see `decide`).
+            SagaPhase::Compensated | SagaPhase::Aborted => self.reach_outcome(cx),
+            SagaPhase::Accepting | SagaPhase::Running => {
                 panic!(
                     "{}: an outcome was pending in phase {:?}",
                     self.id, self.progress.phase
@@ -1817,6 +1885,14 @@ impl Saga {
                 p.phase
             );
         }
+        if self.held {
+            assert!(
+                p.phase == SagaPhase::Running && p.started_order.is_empty(),
+                "{id}: held while {:?} with {} steps started",
+                p.phase,
+                p.started_order.len()
+            );
+        }
         if p.stuck {
             assert_eq!(
                 p.phase,
@@ -1854,7 +1930,8 @@ impl Saga {
         );
         if self.outcome_pending {
             assert!(
-                matches!(p.phase, SagaPhase::Completed | SagaPhase::Compensating),
+                matches!(p.phase, SagaPhase::Completed | SagaPhase::Compensating)
+                    || (p.phase.is_terminal() && p.started_order.is_empty()),
                 "{id}: an outcome pending in {:?}",
                 p.phase
             );
@@ -1888,7 +1965,7 @@ impl Saga {
                     assert_eq!(count(phase), 0, "{id}: a {phase:?} step while running");
                 }
                 assert!(
-                    count(StepPhase::Running) > 0,
+                    count(StepPhase::Running) > 0 || self.held,
                     "{id}: running with no action in flight (all succeeded, or stalled)"
                 );
             }

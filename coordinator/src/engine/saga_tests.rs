@@ -555,6 +555,7 @@ fn submit_forces_the_spec_and_nothing_leaves_before_it_is_durable() {
             stuck: false,
             callback_delivered: false,
             accepted_ms: T0_MS,
+            held: false,
         }
     );
     assert_eq!(s.engine.fingerprint(&id), Some(&FINGERPRINT));
@@ -2556,6 +2557,8 @@ const LAZY_FLUSH_PCT: u64 = 20;
 /// Chance, per run, that an operator aborts the saga, within its first `ABORT_STEP_MAX` steps.
 const ABORT_PCT: u64 = 10;
 const ABORT_STEP_MAX: u64 = 30;
+/// Share of sims whose engine holds execution: each acceptance waits for a release.
+const HOLD_PCT: u64 = 20;
 /// Longest a call takes to answer, ms.
 const LATENCY_MS_MAX: u64 = 30;
 
@@ -2571,6 +2574,10 @@ fn pick(rng: &mut SplitMix64, len: usize) -> usize {
 struct Sim {
     seed: u64,
     trace: bool,
+    /// The engine holds execution (in every incarnation): an accepted saga waits for a
+    /// `Release`, which the sim sends after a while.
+    hold: bool,
+    aborted_held: bool,
     rng: SplitMix64,
     config: SagaEngineConfig,
     engine: SagaEngine,
@@ -2623,6 +2630,9 @@ struct Summary {
     outcome: Option<SagaOutcome>,
     stuck: bool,
     recovered_pending_compensated: bool,
+    held: bool,
+    /// An operator aborted the saga while it was held (nothing to compensate).
+    aborted_held: bool,
 }
 
 impl Sim {
@@ -2680,11 +2690,15 @@ impl Sim {
                 max_ms: 400,
             },
         };
+        let hold = chance(&mut rng, HOLD_PCT);
+        let mut engine = SagaEngine::new(config.clone(), seed);
+        engine.set_hold(hold);
         Sim {
             seed,
             trace,
+            hold,
             rng,
-            engine: SagaEngine::new(config.clone(), seed),
+            engine,
             config,
             id: saga_id(seed),
             spec,
@@ -2713,6 +2727,7 @@ impl Sim {
             finished: false,
             forgotten: false,
             stuck_seen: false,
+            aborted_held: false,
         }
     }
 
@@ -2780,6 +2795,8 @@ impl Sim {
                     .iter()
                     .any(|s| s.phase == StepPhase::Compensated && s.action_attempts == 0)
             }),
+            held: self.hold,
+            aborted_held: self.aborted_held,
         }
     }
 
@@ -2803,6 +2820,7 @@ impl Sim {
         if self.trace {
             println!("@{} -> {event:?}", self.now_ms - T0_MS);
         }
+        let was_held = self.engine.is_held(&self.id);
         let effects = self.engine.step(self.now_ms, event.clone());
         let mut decided_now = false;
         for effect in &effects {
@@ -2814,9 +2832,29 @@ impl Sim {
             }
             self.carry_out(&event, effect);
         }
+        if matches!(
+            event,
+            SagaEvent::Accepted { .. } | SagaEvent::Recovered { .. }
+        ) && self.engine.is_held(&self.id)
+        {
+            assert!(self.hold, "seed {seed}: held without a hold");
+            assert!(
+                effects
+                    .iter()
+                    .all(|e| !matches!(e, SagaEffect::SendAction { .. })),
+                "seed {seed}: a held saga sent an action"
+            );
+            // Released later, sometimes twice.
+            let delay = 1 + pick(&mut self.rng, 200) as u64;
+            let release = SagaEvent::Release {
+                saga: self.id.clone(),
+            };
+            self.push_answer(delay, release);
+        }
         if let SagaEvent::OperatorAbort { reason, .. } = &event {
             if decided_now {
                 self.abort_reason = Some(reason.clone());
+                self.aborted_held |= was_held;
             }
         }
         match &event {
@@ -3129,6 +3167,7 @@ impl Sim {
         self.pending.clear();
         self.outcome_flush = None;
         self.engine = SagaEngine::new(self.config.clone(), seed ^ (u64::from(self.crashes) << 32));
+        self.engine.set_hold(self.hold);
         self.accepted = false;
         self.decided = false;
         self.finished = false;
@@ -3297,11 +3336,14 @@ fn randomized_runs_terminate_with_one_durable_outcome_and_undo_every_attempted_s
     let crashed = count(&|s| s.crashes > 0);
     let stuck = count(&|s| s.stuck);
     let pending_undone = count(&|s| s.recovered_pending_compensated);
+    let held = count(&|s| s.held);
+    let aborted_held = count(&|s| s.aborted_held);
     let steps: u64 = summaries.iter().map(|s| s.steps).sum();
     println!(
         "{SEEDS} runs, {steps} steps: {completed} completed, {compensated} compensated ({exhausted} \
          after retries ran out), {aborted} aborted, {forgotten} forgotten; {crashed} crashed, \
-         {stuck} stuck, {pending_undone} undid steps an earlier incarnation may have started"
+         {stuck} stuck, {pending_undone} undid steps an earlier incarnation may have started; \
+         {held} held ({aborted_held} aborted while held)"
     );
     for (what, n) in [
         ("completed", completed),
@@ -3311,6 +3353,8 @@ fn randomized_runs_terminate_with_one_durable_outcome_and_undo_every_attempted_s
         ("crashed", crashed),
         ("stuck", stuck),
         ("pending undone", pending_undone),
+        ("held", held),
+        ("aborted while held", aborted_held),
     ] {
         assert!(n > 0, "no run was {what}: the seeds do not cover it");
     }
@@ -3322,4 +3366,133 @@ fn randomized_runs_terminate_with_one_durable_outcome_and_undo_every_attempted_s
 fn saga_replay_one_seed() {
     let seed = std::env::var("TANDEM_SEED").expect("TANDEM_SEED=<seed>");
     Sim::new(seed.parse().expect("a number"), true).run();
+}
+
+// ---- Holding execution ------------------------------------------------------------------
+
+impl Scenario {
+    fn release(&mut self) -> Vec<String> {
+        self.feed(SagaEvent::Release {
+            saga: self.id.clone(),
+        })
+    }
+}
+
+#[test]
+fn a_saga_accepted_while_held_answers_and_starts_nothing_until_released() {
+    let mut s = Scenario::new(diamond());
+    s.engine.set_hold(true);
+    assert_eq!(s.submit(), ["persist spec (forced)"]);
+    assert_eq!(
+        s.accepted(),
+        ["reply accepted", "notify Accepted: 4 steps"],
+        "answered and watched as usual; no action, and no progress write (recovery rebuilds \
+         'nothing started' from the spec alone)"
+    );
+    assert!(s.engine.is_held(&s.id));
+    let status = s.status();
+    assert!(status.held, "the status says why nothing runs");
+    assert_eq!(status.phase, SagaPhase::Running);
+    use StepPhase::*;
+    assert_eq!(s.phases(), [Pending, Pending, Pending, Pending]);
+    assert_eq!(
+        s.feed(SagaEvent::OperatorRetry { saga: s.id.clone() }),
+        nothing(),
+        "a held saga has no retry waiting"
+    );
+    // Resuming the engine does not start sagas already held: each waits for its release.
+    s.engine.set_hold(false);
+    assert!(s.engine.is_held(&s.id));
+    assert_eq!(
+        s.release(),
+        ["action a #1", "notify StepStarted a #1", "persist progress"]
+    );
+    assert!(!s.engine.is_held(&s.id));
+    assert!(!s.status().held);
+    assert_eq!(s.release(), nothing(), "a second release is ignored");
+    // From here on it is an ordinary saga.
+    s.succeed(0, 1);
+    assert_eq!(s.phases(), [Succeeded, Running, Running, Pending]);
+}
+
+#[test]
+fn sagas_accepted_after_the_hold_is_lifted_start_at_once() {
+    let mut s = Scenario::new(sequence(2));
+    s.engine.set_hold(true);
+    s.engine.set_hold(false);
+    s.start(); // asserts the ordinary acceptance: first action sent
+    assert!(!s.status().held);
+    assert_eq!(s.release(), nothing(), "a running saga ignores a release");
+}
+
+#[test]
+fn an_operator_abort_ends_a_held_saga_aborted_with_nothing_to_compensate() {
+    let mut s = Scenario::new(with_callback(sequence(3)));
+    s.engine.set_hold(true);
+    s.submit();
+    s.accepted();
+    assert_eq!(
+        s.abort("not needed after all"),
+        ["persist outcome (forced): aborted by an operator: not needed after all"]
+    );
+    use StepPhase::*;
+    assert_eq!(
+        s.phases(),
+        [Skipped, Skipped, Skipped],
+        "no step was attempted"
+    );
+    assert!(!s.status().held);
+    let outcome = SagaOutcome::Aborted {
+        reason: "not needed after all".to_string(),
+    };
+    assert_eq!(
+        s.durable(),
+        [
+            format!("notify Finished: {outcome}"),
+            format!("terminal: {outcome}"),
+            format!("callback #1: {outcome}"),
+            "persist progress".to_string(),
+        ],
+        "no compensation is sent: nothing ran"
+    );
+    assert_eq!(s.release(), nothing(), "released after the abort: ignored");
+    assert_eq!(s.callback(1, true), ["persist progress", "finished"]);
+}
+
+#[test]
+fn a_recovered_saga_that_had_not_started_is_held_if_the_engine_holds_at_recovery() {
+    let mut s = Scenario::new(sequence(2));
+    s.submit();
+    s.accepted();
+    // Restart with the hold on: the saga had written no progress.
+    s.engine = SagaEngine::new(s.config.clone(), ENGINE_SEED + 1);
+    s.engine.set_hold(true);
+    s.last_seq = 0;
+    assert_eq!(
+        s.feed(SagaEvent::Recovered {
+            saga: s.id.clone(),
+            spec: s.spec.clone(),
+            fingerprint: FINGERPRINT,
+            accepted_ms: T0_MS,
+            progress: None,
+        }),
+        ["reply accepted", "notify Accepted: 2 steps"]
+    );
+    assert!(s.engine.is_held(&s.id));
+    // A saga with progress resumes whatever the hold says: it has started.
+    let record = SagaProgress::new(2);
+    assert!(record.steps.iter().all(|p| p.phase == StepPhase::Pending));
+    assert_eq!(
+        s.release(),
+        ["action a #1", "notify StepStarted a #1", "persist progress"]
+    );
+    let mut started = Scenario::new(sequence(2));
+    started.start();
+    let progress = started.last_record();
+    started.engine.set_hold(true);
+    started.recover(Some(progress));
+    assert!(
+        !started.engine.is_held(&started.id),
+        "a saga that had started resumes"
+    );
 }

@@ -167,6 +167,10 @@ pub(super) enum AdminCommand {
         reason: String,
         reply: Reply<AbortReply>,
     },
+    HoldSagas {
+        hold: bool,
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 impl CoordinatorHandle {
@@ -186,6 +190,13 @@ impl CoordinatorHandle {
     pub async fn admin_retry(&self, id: TxnId) -> Result<RetryAnswer, CoordinatorError> {
         self.call(|reply| Command::Admin(AdminCommand::Retry { id, reply }))
             .await?
+    }
+
+    /// Holds (`true`) or resumes (`false`) the execution of sagas; answers how many sagas
+    /// are held (accepted, no step started) at that moment. See `Runtime::set_saga_hold`.
+    pub async fn admin_hold_sagas(&self, hold: bool) -> Result<usize, CoordinatorError> {
+        self.call(|reply| Command::Admin(AdminCommand::HoldSagas { hold, reply }))
+            .await
     }
 
     /// Aborts an undecided 2PC transaction (answered once the abort is durable) or sends a
@@ -313,6 +324,9 @@ impl Runtime {
             }
             AdminCommand::Abort { id, reason, reply } => {
                 let _ = reply.send(self.admin_abort(&id, reason));
+            }
+            AdminCommand::HoldSagas { hold, reply } => {
+                let _ = reply.send(self.set_saga_hold(hold));
             }
         }
     }
@@ -581,9 +595,14 @@ impl Runtime {
                         },
                     );
                     self.apply_saga(effects);
+                    let detail = if view.status.held {
+                        "held, no step started: nothing to compensate; the outcome will be ABORTED once the decision is durable"
+                    } else {
+                        "decided to compensate; every attempted step is compensated, newest first, once the decision is durable; the outcome will be ABORTED"
+                    };
                     Ok(AbortReply::Now(AbortAnswer {
                         state: TxnState::Compensating,
-                        detail: "decided to compensate; every attempted step is compensated, newest first, once the decision is durable; the outcome will be ABORTED".into(),
+                        detail: detail.into(),
                     }))
                 }
                 SagaPhase::Accepting => Err(refused(

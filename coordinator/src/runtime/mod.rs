@@ -286,6 +286,9 @@ pub fn start(
         },
         config.rng_seed.wrapping_add(1),
     );
+    let mut saga_engine = saga_engine;
+    // Before recovery: a recovered saga that had not started is held too.
+    saga_engine.set_hold(config.hold_sagas);
     let config_metrics = config.metrics.clone();
     let mut runtime = Runtime {
         engine,
@@ -408,6 +411,7 @@ impl Runtime {
             let next_timer_ms = self.timers.first_key_value().map(|(&(at_ms, _), _)| at_ms);
             let timer_due = sleep_until_ms(next_timer_ms);
             let checkpoint_due = sleep_until_ms(self.sagas.checkpoint_due_ms);
+            let release_due = self.sagas.release_due();
             tokio::select! {
                 biased;
                 _ = &mut stop => break,
@@ -430,6 +434,8 @@ impl Runtime {
                         self.on_command(command);
                     }
                 }
+                // Last: released sagas start only in turns that find nothing else to do.
+                () = release_due => self.release_held_sagas(LOOP_BATCH_MAX),
             }
             self.metrics
                 .set_in_flight(Kind::TwoPc, self.engine.in_flight());

@@ -125,6 +125,10 @@ pub(super) struct SagaSide {
     /// need it (its FINISHED change, `Terminal`, the callback); a step that makes the saga
     /// terminal brings it with its `Terminal` effect.
     view_read: Option<SagaView>,
+    /// Sagas accepted while execution was held, oldest first; released (in this order, a
+    /// batch per idle loop turn) once execution resumes. May name sagas no longer held (an
+    /// operator aborted them): releasing those does nothing.
+    held: VecDeque<TxnId>,
 }
 
 impl SagaSide {
@@ -141,6 +145,17 @@ impl SagaSide {
             unwritten_progress: HashMap::new(),
             checkpoint_due_ms: None,
             view_read: None,
+            held: VecDeque::new(),
+        }
+    }
+
+    /// Ready when execution is not held and held sagas wait to be released; never otherwise.
+    pub(super) fn release_due(&self) -> impl std::future::Future<Output = ()> {
+        let due = !self.engine.holds() && !self.held.is_empty();
+        async move {
+            if !due {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -217,6 +232,7 @@ pub(super) fn view_of_stored(saga: &TxnId, stored: &StoredSaga) -> SagaView {
             stuck: false,
             callback_delivered: false,
             accepted_ms,
+            held: false,
         },
     };
     SagaView {
@@ -252,6 +268,7 @@ impl Runtime {
                 .step_names
                 .insert(saga.clone(), step_names(&stored.spec.spec));
             let StoredSaga { spec, progress } = stored;
+            let saga_id = saga.clone();
             let effects = self.sagas.engine.step(
                 now,
                 SagaEvent::Recovered {
@@ -263,6 +280,7 @@ impl Runtime {
                 },
             );
             self.apply_saga(effects);
+            self.note_if_held(&saga_id);
             recovered += 1;
         }
         Ok(recovered)
@@ -466,6 +484,10 @@ impl Runtime {
     pub(super) fn on_saga_event(&mut self, event: SagaEvent) {
         let span = self.txn_span(event.saga(), true);
         let _enter = span.enter();
+        let accepted = match &event {
+            SagaEvent::Accepted { saga } => Some(saga.clone()),
+            _ => None,
+        };
         if matches!(
             event,
             SagaEvent::ActionAnswered {
@@ -501,9 +523,56 @@ impl Runtime {
             }
         }
         self.apply_saga(effects);
+        if let Some(saga) = accepted {
+            self.note_if_held(&saga);
+        }
         if compensated {
             crash_point("coordinator.during_compensation");
         }
+    }
+
+    /// Queues `saga` for release if the engine holds it (it was just accepted or recovered,
+    /// so it can be held only if the engine holds execution now).
+    fn note_if_held(&mut self, saga: &TxnId) {
+        if self.sagas.engine.holds() && self.sagas.engine.is_held(saga) {
+            self.sagas.held.push_back(saga.clone());
+            self.metrics.set_sagas_held(self.sagas.held.len());
+        }
+    }
+
+    /// Holds (`true`) or resumes (`false`) the execution of sagas. Holding: sagas accepted
+    /// from now on are answered but start no step; sagas already running go on. Resuming:
+    /// every held saga is released, oldest first, a batch per loop turn that has nothing
+    /// else to do (so that clients are answered first). Returns how many sagas are held (not
+    /// yet released) now.
+    pub(super) fn set_saga_hold(&mut self, hold: bool) -> usize {
+        if hold != self.sagas.engine.holds() {
+            tracing::info!(
+                hold,
+                held = self.sagas.held.len(),
+                "saga execution {}",
+                if hold { "held" } else { "resumed" }
+            );
+        }
+        self.sagas.engine.set_hold(hold);
+        // The queue may name sagas an operator aborted meanwhile: those are not counted.
+        let engine = &self.sagas.engine;
+        self.sagas.held.iter().filter(|s| engine.is_held(s)).count()
+    }
+
+    /// Releases up to `max` held sagas, oldest first.
+    pub(super) fn release_held_sagas(&mut self, max: usize) {
+        debug_assert!(
+            !self.sagas.engine.holds(),
+            "releasing while execution is held"
+        );
+        for _ in 0..max {
+            let Some(saga) = self.sagas.held.pop_front() else {
+                break;
+            };
+            self.on_saga_event(SagaEvent::Release { saga });
+        }
+        self.metrics.set_sagas_held(self.sagas.held.len());
     }
 
     pub(super) fn apply_saga(&mut self, effects: Vec<SagaEffect>) {

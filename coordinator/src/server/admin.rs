@@ -257,6 +257,18 @@ impl pb::admin_server::Admin for AdminService {
             detail: answer.detail,
         }))
     }
+    async fn hold_sagas(
+        &self,
+        request: Request<pb::HoldSagasRequest>,
+    ) -> Result<Response<pb::HoldSagasResponse>, Status> {
+        let hold = request.get_ref().hold;
+        tracing::info!(hold, "operator holds or resumes saga execution");
+        let waiting = self.handle.admin_hold_sagas(hold).await?;
+        Ok(Response::new(pb::HoldSagasResponse {
+            held: hold,
+            waiting: waiting as u64,
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -314,6 +314,7 @@ pub fn view_to_pb(view: &SagaView) -> pb::SagaState {
         stuck: status.stuck,
         callback_delivered: status.callback_delivered,
         accepted_ms: status.accepted_ms,
+        held: status.held,
     }
 }
 

@@ -526,6 +526,7 @@ mod tests {
             stuck: false,
             callback_delivered: false,
             accepted_ms: 1_763_850_000_000,
+            held: false,
         }
     }
 

@@ -556,6 +556,7 @@ mod tests {
             stuck: false,
             callback_delivered: false,
             accepted_ms: 1,
+            held: false,
         };
         let txns = BTreeMap::from([(id(1), FinalTxn::Committed)]);
         let sagas = BTreeMap::from([(id(2), FinalSaga::State(saga_state))]);

@@ -59,6 +59,9 @@ pub struct ServeConfig {
     pub txn_in_flight_max: usize,
     /// Most sagas in flight before new ones get RESOURCE_EXHAUSTED.
     pub saga_in_flight_max: usize,
+    /// Start with saga execution held: sagas are accepted but start no step until an
+    /// operator resumes them (`tandem txn resume-sagas`).
+    pub hold_sagas: bool,
     /// Most requests queued for the coordinator's loop before new ones get
     /// RESOURCE_EXHAUSTED at once.
     pub request_queue_max: usize,
@@ -131,6 +134,7 @@ impl Default for ServeConfig {
             saga_compensation_backoff_max_ms: engine.saga_compensation_backoff.max_ms,
             txn_in_flight_max: engine.txn_in_flight_max,
             saga_in_flight_max: engine.saga_in_flight_max,
+            hold_sagas: engine.hold_sagas,
             request_queue_max: engine.request_queue_max,
             overload_retry_after_ms: engine.overload_retry_after_ms,
             shutdown_grace_ms: 10_000,
@@ -221,6 +225,11 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub saga_in_flight_max: Option<usize>,
+    /// Start with saga execution held: sagas are accepted (and answered) but start no step
+    /// until `tandem txn resume-sagas`; sagas already running go on.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub hold_sagas: bool,
     /// Most requests queued for the coordinator's loop before new ones are refused at once
     /// (RESOURCE_EXHAUSTED) [default: 4096].
     #[arg(long)]
@@ -658,6 +667,7 @@ pub async fn serve(args: ServeArgs, settings: ServeConfig) -> anyhow::Result<()>
     config.saga_compensation_backoff.max_ms = settings.saga_compensation_backoff_max_ms;
     config.txn_in_flight_max = settings.txn_in_flight_max;
     config.saga_in_flight_max = settings.saga_in_flight_max;
+    config.hold_sagas = settings.hold_sagas;
     config.request_queue_max = settings.request_queue_max;
     config.overload_retry_after_ms = settings.overload_retry_after_ms;
     config.shutdown_grace = Duration::from_millis(settings.shutdown_grace_ms);

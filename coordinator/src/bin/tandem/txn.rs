@@ -6,7 +6,9 @@
 //!   recorded state change with its time;
 //! - `retry ID`: send now what waits for a retry timer;
 //! - `abort ID [--reason TEXT]`: abort an undecided 2PC transaction or send a running saga
-//!   into compensation.
+//!   into compensation;
+//! - `hold-sagas` / `resume-sagas`: hold the execution of sagas accepted from now on (they
+//!   are accepted and answered, and start no step), or start every held saga.
 //!
 //! Exit codes: 0 done; 1 the coordinator refused (the outcome is decided, unknown id, ...) or
 //! could not be reached; 2 the command line is malformed (also when the coordinator answers
@@ -85,6 +87,12 @@ enum TxnCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Hold saga execution: sagas submitted from now on are accepted (durably, and answered)
+    /// but start no step until `resume-sagas`; sagas already running go on. Lasts until
+    /// resumed or the coordinator restarts.
+    HoldSagas,
+    /// Resume saga execution: every held saga starts, oldest first.
+    ResumeSagas,
 }
 
 /// Why a command failed, and so its exit code.
@@ -499,7 +507,7 @@ async fn run_command(args: TxnArgs) -> Result<(), Failure> {
         TxnCommand::Show { id } | TxnCommand::Retry { id } | TxnCommand::Abort { id, .. } => {
             parse_id(id)?;
         }
-        TxnCommand::List { .. } => {}
+        TxnCommand::List { .. } | TxnCommand::HoldSagas | TxnCommand::ResumeSagas => {}
     }
     let mut admin = Admin::connect(&args).await?;
     let now_ms = unix_now_ms();
@@ -590,6 +598,32 @@ async fn run_command(args: TxnArgs) -> Result<(), Failure> {
                 );
             } else {
                 println!("{id}: {}: {}", state_name(answer.state), answer.detail);
+            }
+        }
+        TxnCommand::HoldSagas | TxnCommand::ResumeSagas => {
+            let hold = matches!(args.command, TxnCommand::HoldSagas);
+            let request = admin.request(pb::HoldSagasRequest { hold });
+            let answer = admin
+                .client
+                .hold_sagas(request)
+                .await
+                .map_err(|s| from_status(if hold { "hold-sagas" } else { "resume-sagas" }, s))?
+                .into_inner();
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"held": answer.held, "waiting": answer.waiting})
+                );
+            } else if answer.held {
+                println!(
+                    "saga execution held: new sagas are accepted and wait; {} waiting",
+                    answer.waiting
+                );
+            } else {
+                println!(
+                    "saga execution resumed: {} held sagas are being started, oldest first",
+                    answer.waiting
+                );
             }
         }
     }
