@@ -145,6 +145,10 @@ impl<I: Send + 'static, A: Send + 'static> Inner<I, A> {
             for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(answer); // the caller may have stopped waiting
             }
+            // The callers just answered are woken, not yet run: in a closed loop many call
+            // again at once. Yielding first lets them queue, so the next batch carries them
+            // all instead of leaving with the first few and sending the rest in a second call.
+            tokio::task::yield_now().await;
         }
     }
 

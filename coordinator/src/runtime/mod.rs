@@ -157,15 +157,23 @@ impl CoordinatorHandle {
     /// caller that waited instead would hold its request's memory for as long as the
     /// overload lasts, and the client would learn nothing (admission control, protocol.md).
     fn enqueue(&self, command: Command) -> Result<(), CoordinatorError> {
-        self.commands.try_send(command).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => CoordinatorError::Overloaded {
+        self.commands
+            .try_send(command)
+            .map_err(|e| self.refusal(matches!(e, mpsc::error::TrySendError::Full(_))))
+    }
+
+    /// Why a command was not queued: the queue is `full`, or the runtime is gone.
+    fn refusal(&self, full: bool) -> CoordinatorError {
+        if full {
+            CoordinatorError::Overloaded {
                 what: "queued requests",
                 count: self.queue_max,
                 limit: self.queue_max,
                 retry_after_ms: self.retry_after_ms,
-            },
-            mpsc::error::TrySendError::Closed(_) => CoordinatorError::ShuttingDown,
-        })
+            }
+        } else {
+            CoordinatorError::ShuttingDown
+        }
     }
 
     async fn call<T>(
@@ -204,6 +212,40 @@ impl CoordinatorHandle {
     pub async fn submit_saga(&self, request: SubmitSagaRequest) -> Result<TxnId, CoordinatorError> {
         self.call(|reply| Command::Saga(sagas::SagaCommand::Submit { request, reply }))
             .await?
+    }
+
+    /// Accepts several sagas (a `SubmitSagas` call) as one command, so that the loop takes
+    /// them in one turn and one flush covers them all (queued one by one, the loop could wake
+    /// between them and answer the call only after two flushes). Returns one future per
+    /// request, in order, each answering what [`CoordinatorHandle::submit_saga`] would have.
+    pub fn submit_sagas(
+        &self,
+        requests: Vec<SubmitSagaRequest>,
+    ) -> Vec<impl std::future::Future<Output = Result<TxnId, CoordinatorError>>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        let items = requests
+            .into_iter()
+            .map(|request| {
+                let (reply, answer) = oneshot::channel();
+                answers.push(answer);
+                (request, reply)
+            })
+            .collect();
+        let command = Command::Saga(sagas::SagaCommand::SubmitBatch { items });
+        if let Err(refused) = self.commands.try_send(command) {
+            let full = matches!(refused, mpsc::error::TrySendError::Full(_));
+            let Command::Saga(sagas::SagaCommand::SubmitBatch { items }) = refused.into_inner()
+            else {
+                unreachable!("the command sent is the one refused")
+            };
+            for (_, reply) in items {
+                let _ = reply.send(Err(self.refusal(full)));
+            }
+        }
+        answers
+            .into_iter()
+            .map(|answer| async move { answer.await.map_err(|_| CoordinatorError::ShuttingDown)? })
+            .collect()
     }
 
     /// A saga's current state; `None` if there is no such saga.

@@ -88,6 +88,10 @@ pub(super) enum SagaCommand {
         request: SubmitSagaRequest,
         reply: SubmitReply,
     },
+    /// Several submissions, taken in one loop turn.
+    SubmitBatch {
+        items: Vec<(SubmitSagaRequest, SubmitReply)>,
+    },
     Get {
         saga: TxnId,
         reply: ViewReply,
@@ -305,6 +309,11 @@ impl Runtime {
     pub(super) fn on_saga_command(&mut self, command: SagaCommand) {
         match command {
             SagaCommand::Submit { request, reply } => self.on_submit_saga(request, reply),
+            SagaCommand::SubmitBatch { items } => {
+                for (request, reply) in items {
+                    self.on_submit_saga(request, reply);
+                }
+            }
             SagaCommand::Get { saga, reply } => {
                 let _ = reply.send(self.saga_view(&saga));
             }

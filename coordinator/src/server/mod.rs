@@ -30,7 +30,7 @@ use crate::config::{
 use crate::engine::types::{BranchPhase, BranchSpec, BranchTarget, Decision, Outcome, TxnPhase};
 use crate::error::CoordinatorError;
 use crate::log::record::Fingerprint;
-use crate::runtime::{CoordinatorHandle, ExecuteRequest, QueriedOutcome};
+use crate::runtime::{CoordinatorHandle, ExecuteRequest, QueriedOutcome, SubmitSagaRequest};
 
 /// The gRPC service, a thin shell over the runtime's handle.
 pub struct CoordinatorService {
@@ -39,12 +39,13 @@ pub struct CoordinatorService {
 }
 
 impl CoordinatorService {
-    /// Validates and submits one saga, as `SubmitSaga` and each item of `SubmitSagas` do.
-    async fn submit_one(
+    /// Validates one saga, as `SubmitSaga` and each item of `SubmitSagas` do, and makes the
+    /// span its submission runs in.
+    fn validate_one(
         &self,
         request: pb::SubmitSagaRequest,
         trace: Option<TraceContext>,
-    ) -> Result<TxnId, Status> {
+    ) -> Result<(SubmitSagaRequest, tracing::Span), Status> {
         let mut request = saga::validate_submit_saga(request, &self.config, unix_now_ms())?;
         request.trace = trace;
         let span = tracing::info_span!(
@@ -56,7 +57,7 @@ impl CoordinatorService {
             span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
             crate::otel::link(&span, trace);
         }
-        Ok(self.handle.submit_saga(request).instrument(span).await?)
+        Ok((request, span))
     }
 
     pub fn new(handle: CoordinatorHandle, config: CoordinatorConfig) -> Self {
@@ -410,7 +411,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::SubmitSagaRequest>,
     ) -> Result<Response<pb::SubmitSagaResponse>, Status> {
         let trace = TraceContext::of_request(request.metadata());
-        let saga = self.submit_one(request.into_inner(), trace).await?;
+        let (request, span) = self.validate_one(request.into_inner(), trace)?;
+        let saga = self.handle.submit_saga(request).instrument(span).await?;
         Ok(Response::new(pb::SubmitSagaResponse {
             saga_id: saga.to_string(),
         }))
@@ -427,11 +429,28 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 items.len()
             )));
         }
-        // Every item is submitted at once: they reach the runtime together, and one forced
-        // write covers all the accepted ones.
-        let results = futures::future::join_all(items.into_iter().map(|mut item| {
-            let trace = TraceContext::of_item(&std::mem::take(&mut item.traceparent));
-            self.submit_one(item, trace)
+        // Every valid item goes to the runtime in one command: they are taken in one loop turn,
+        // and one forced write covers all the accepted ones.
+        let (mut requests, mut spans) = (Vec::new(), Vec::new());
+        let checked: Vec<Result<(), Status>> = items
+            .into_iter()
+            .map(|mut item| {
+                let trace = TraceContext::of_item(&std::mem::take(&mut item.traceparent));
+                let (request, span) = self.validate_one(item, trace)?;
+                requests.push(request);
+                spans.push(span);
+                Ok(())
+            })
+            .collect();
+        let mut accepting = self.handle.submit_sagas(requests).into_iter().zip(spans);
+        let results = futures::future::join_all(checked.into_iter().map(|checked| {
+            let submitted = checked.map(|()| accepting.next().expect("one per valid item"));
+            async move {
+                match submitted {
+                    Ok((accepted, span)) => Ok(accepted.instrument(span).await?),
+                    Err(status) => Err(status),
+                }
+            }
         }))
         .await;
         let results = results

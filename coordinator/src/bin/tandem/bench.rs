@@ -18,7 +18,9 @@
 //! the figure is what acceptance alone sustains — one RPC and one group-committed forced write
 //! per saga. With `--live` the sagas run alongside, as they would in production; on a small
 //! machine they then compete with acceptance for the same cores (each runs 3 more RPCs and
-//! forced writes), and the figure drops to what both together sustain.
+//! forced writes), and the figure drops to what both together sustain. `--drain` then runs
+//! the backlog: execution resumes and the benchmark waits for every saga it submitted,
+//! printing how long that took and the outcomes (so a held burst is seen to terminate).
 //!
 //! While the load runs, progress goes to stderr ([`tandem_common::progress`]): a bar on a
 //! terminal, a plain line every few seconds otherwise, counting outcomes since the start
@@ -63,6 +65,10 @@ pub struct SagaArgs {
     /// With --submit-only: run the sagas alongside the submissions instead of holding them.
     #[arg(long, requires = "submit_only")]
     live: bool,
+    /// With --submit-only: afterwards, resume execution (if held) and wait until every saga
+    /// submitted has finished; prints how long the backlog took and its outcomes.
+    #[arg(long, requires = "submit_only")]
+    drain: bool,
     #[command(flatten)]
     load: LoadArgs,
 }
@@ -411,6 +417,71 @@ impl Cluster {
     }
 }
 
+/// What `--drain` measured.
+struct Drained {
+    sagas: usize,
+    seconds: f64,
+    completed: u64,
+    compensated: u64,
+}
+
+/// Most waits `--drain` keeps open at once (they share the client's `WaitSagas` stream).
+const DRAIN_WAITS_IN_FLIGHT: usize = 1_024;
+/// How long `--drain` waits for any one saga.
+const DRAIN_WAIT_MAX: Duration = Duration::from_secs(600);
+
+/// Resumes saga execution (if `resume`) and waits until every saga in `ids` is terminal.
+async fn drain(
+    cluster: &Cluster,
+    resume: bool,
+    ids: Vec<tandem_participant::TxnId>,
+    quiet: bool,
+) -> anyhow::Result<Drained> {
+    use futures::StreamExt;
+    let start = Instant::now();
+    if resume {
+        let mut admin = tandem_proto::v1::admin_client::AdminClient::connect(format!(
+            "http://{}",
+            cluster.coordinator.address()
+        ))
+        .await
+        .context("connecting to the coordinator's admin service")?;
+        admin
+            .hold_sagas(tandem_proto::v1::HoldSagasRequest { hold: false })
+            .await
+            .context("resuming saga execution")?;
+    }
+    if !quiet {
+        eprintln!("bench saga: draining {} sagas", ids.len());
+    }
+    let sagas = ids.len();
+    let client = cluster.clients[0].clone();
+    let mut waits = futures::stream::iter(ids)
+        .map(|id| {
+            let client = client.clone();
+            async move {
+                let state = client.wait(&id, DRAIN_WAIT_MAX).await?;
+                Ok::<_, tandem_participant::Error>((id, state))
+            }
+        })
+        .buffer_unordered(DRAIN_WAITS_IN_FLIGHT);
+    let (mut completed, mut compensated) = (0, 0);
+    while let Some(answer) = waits.next().await {
+        let (id, state) = answer.map_err(|e| anyhow!("waiting for a drained saga: {e}"))?;
+        match state.outcome() {
+            Some(SagaOutcome::Completed) => completed += 1,
+            Some(_) => compensated += 1,
+            None => bail!("saga {id} did not finish within {DRAIN_WAIT_MAX:?}: {state:?}"),
+        }
+    }
+    Ok(Drained {
+        sagas,
+        seconds: start.elapsed().as_secs_f64(),
+        completed,
+        compensated,
+    })
+}
+
 /// Bare gRPC pings per second to the coordinator, `concurrency` calls in flight.
 async fn ping_rate(
     clients: &[TandemClient],
@@ -524,12 +595,15 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
         args.load.warmup + args.load.duration,
         tally.clone(),
     );
+    // Every saga submitted, for --drain.
+    let submitted = Arc::new(std::sync::Mutex::new(Vec::new()));
     let workers = futures::future::join_all((0..args.load.concurrency).map(|i| {
         let client = cluster.clients[i as usize % cluster.clients.len()].clone();
         let bank_addrs = cluster.bank_addrs.clone();
         let (accounts, steps, submit_only) =
             (u64::from(args.load.accounts), args.steps, args.submit_only);
         let tally = tally.clone();
+        let submitted = (args.drain).then(|| submitted.clone());
         async move {
             let mut rng = SplitMix64::new(0x5a6a ^ u64::from(i));
             let (mut latencies, mut completed, mut compensated) = (Vec::new(), 0u64, 0u64);
@@ -541,6 +615,9 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
                 let id = client
                     .submit_saga(saga_transfer(&bank_addrs, accounts, steps, &mut rng))
                     .await?;
+                if let Some(submitted) = &submitted {
+                    submitted.lock().expect("not poisoned").push(id.clone());
+                }
                 let state = if submit_only {
                     None
                 } else {
@@ -573,6 +650,12 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
     let rate = completed as f64 / seconds;
     let rpcs = f64::from(args.steps + 1);
     let efficiency = rate * rpcs / ping_rate;
+    let drained = if args.drain {
+        let ids = std::mem::take(&mut *submitted.lock().expect("not poisoned"));
+        Some(drain(&cluster, !args.live, ids, args.load.json).await?)
+    } else {
+        None
+    };
     if args.load.json {
         println!(
             "{}",
@@ -596,6 +679,13 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
                 "ping_rate": ping_rate,
                 "rpcs_per_saga": rpcs,
                 "efficiency": if args.submit_only { serde_json::Value::Null } else { efficiency.into() },
+                "drain": drained.as_ref().map(|d| serde_json::json!({
+                    "sagas": d.sagas,
+                    "seconds": d.seconds,
+                    "per_second": d.sagas as f64 / d.seconds,
+                    "completed": d.completed,
+                    "compensated": d.compensated,
+                })),
             })
         );
     } else if args.submit_only {
@@ -613,6 +703,16 @@ async fn saga(args: SagaArgs) -> anyhow::Result<()> {
             "ping rate:   {ping_rate:.0} calls/s (bare gRPC, same run, concurrency {})",
             args.load.concurrency
         );
+        if let Some(d) = &drained {
+            println!(
+                "drained:     {} sagas in {:.1} s ({:.0} sagas/s): {} completed, {} compensated",
+                d.sagas,
+                d.seconds,
+                d.sagas as f64 / d.seconds,
+                d.completed,
+                d.compensated
+            );
+        }
     } else {
         println!("completed:   {completed} in {seconds:.1} s ({compensated} compensated)");
         println!("throughput:  {rate:.0} sagas/s");
