@@ -991,4 +991,82 @@ mod tests {
             Err(CoordinatorError::ShuttingDown)
         ));
     }
+    fn one_step_saga(n: u64) -> SubmitSagaRequest {
+        use crate::engine::saga::{RetryPolicy, SagaSpec, StepSpec};
+        use crate::engine::types::BranchTarget;
+        SubmitSagaRequest {
+            saga: TxnId::parse(&format!("1763850000000-batch{n}")).unwrap(),
+            spec: SagaSpec {
+                steps: vec![StepSpec {
+                    name: "only".into(),
+                    target: BranchTarget {
+                        participant: "http://127.0.0.1:7000".into(),
+                        resource: "accounts".into(),
+                    },
+                    action: b"do".to_vec(),
+                    compensation: b"undo".to_vec(),
+                    after: Vec::new(),
+                    retry: RetryPolicy {
+                        backoff: tandem_common::Backoff::default(),
+                        attempts_max: 1,
+                        deadline_ms: 0,
+                    },
+                    timeout_ms: 1_000,
+                }],
+                callback: None,
+            },
+            fingerprint: [n as u8; 32],
+            trace: None,
+        }
+    }
+
+    /// A `SubmitSagas` call's sagas reach the loop as one command (one turn, one flush), and a
+    /// full queue refuses them all alike, each with the retry hint.
+    #[tokio::test]
+    async fn a_submission_batch_is_one_command_and_a_full_queue_refuses_all_of_it() {
+        let (commands, mut queue) = mpsc::channel(1);
+        let handle = CoordinatorHandle {
+            commands,
+            queue_max: 1,
+            retry_after_ms: 70,
+        };
+        let answers = handle.submit_sagas((0..3).map(one_step_saga).collect());
+        let Ok(Command::Saga(sagas::SagaCommand::SubmitBatch { items })) = queue.try_recv() else {
+            panic!("the batch is one command");
+        };
+        assert!(queue.try_recv().is_err(), "and only one");
+        let ids: Vec<String> = items.iter().map(|(r, _)| r.saga.to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                "1763850000000-batch0",
+                "1763850000000-batch1",
+                "1763850000000-batch2"
+            ],
+            "in the call's order"
+        );
+        // The loop answers each on its own.
+        for (request, reply) in items {
+            let _ = reply.send(Ok(request.saga));
+        }
+        let answered: Vec<String> = futures::future::join_all(answers)
+            .await
+            .into_iter()
+            .map(|a| a.unwrap().to_string())
+            .collect();
+        assert_eq!(answered, ids);
+
+        // Full: every saga of the next batch is refused at once.
+        let (filler, _filler_answer) = oneshot::channel();
+        handle.enqueue(Command::InFlight { reply: filler }).unwrap();
+        let refused = handle.submit_sagas((3..5).map(one_step_saga).collect());
+        for answer in futures::future::join_all(refused).await {
+            match answer {
+                Err(CoordinatorError::Overloaded { retry_after_ms, .. }) => {
+                    assert_eq!(retry_after_ms, 70)
+                }
+                other => panic!("a full queue refuses every saga of the batch, got {other:?}"),
+            }
+        }
+    }
 }
