@@ -456,6 +456,16 @@ async fn held_sagas_are_accepted_without_running_until_the_operator_resumes_them
             "{saga}: a step was sent while held: {state:?}"
         );
     }
+    // The operator sees why nothing runs.
+    let run = txn_cli(&addr, &["list", "--kind", "saga"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        run.stdout.lines().filter(|l| l.contains("HELD")).count(),
+        3,
+        "{run:?}"
+    );
+    let show = txn_json(&addr, &["show", first.as_str()]).await;
+    assert_eq!(show["summary"]["held"], true, "{show}");
     let run = txn_cli(
         &addr,
         &["abort", unwanted.as_str(), "--reason", "sent twice"],
@@ -487,6 +497,8 @@ async fn held_sagas_are_accepted_without_running_until_the_operator_resumes_them
         assert_eq!(state.outcome(), Some(SagaOutcome::Completed), "{state:?}");
         assert!(!state.held, "{state:?}");
     }
+    let show = txn_json(&addr, &["show", first.as_str()]).await;
+    assert_eq!(show["summary"]["held"], false, "{show}");
 
     // Held again from the command line; the coordinator restarts before resuming: configured
     // to start held, it holds the recovered saga too.

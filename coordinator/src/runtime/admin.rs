@@ -73,6 +73,8 @@ pub struct TxnSummary {
     pub reason: String,
     /// The engine holds it (not finished).
     pub in_flight: bool,
+    /// A saga accepted while execution was held, not yet released.
+    pub held: bool,
 }
 
 /// What `list` selects. `None` selects everything.
@@ -261,6 +263,7 @@ fn txn_summary(id: &TxnId, status: &TxnStatus, in_flight: bool) -> TxnSummary {
             Some(Decision::Commit) | None => String::new(),
         },
         in_flight,
+        held: false,
     }
 }
 
@@ -295,6 +298,7 @@ fn saga_summary(view: &SagaView, in_flight: bool) -> TxnSummary {
             Some(SagaOutcome::Completed) | None => String::new(),
         },
         in_flight,
+        held: status.held,
     }
 }
 

@@ -150,6 +150,7 @@ fn summary_to_pb(summary: &TxnSummary) -> pb::TxnSummary {
         stuck: summary.stuck,
         reason: summary.reason.clone(),
         in_flight: summary.in_flight,
+        held: summary.held,
     }
 }
 

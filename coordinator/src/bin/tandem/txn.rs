@@ -257,6 +257,7 @@ fn summary_json(s: &pb::TxnSummary) -> Value {
         "stuck": s.stuck,
         "reason": s.reason,
         "in_flight": s.in_flight,
+        "held": s.held,
     })
 }
 
@@ -300,6 +301,9 @@ fn print_list(items: &[pb::TxnSummary], now_ms: u64) {
         if s.stuck {
             note.push_str("STUCK ");
         }
+        if s.held {
+            note.push_str("HELD ");
+        }
         note.push_str(&clip(&s.reason, 80));
         println!(
             "{:<id_width$}  {:<4}  {:<12}  {:>5}  {:>5}  {}",
@@ -338,6 +342,9 @@ fn print_show(detail: &pb::ShowTransactionResponse, now_ms: u64) {
     );
     if s.stuck {
         println!("stuck:    yes (a compensation keeps failing; it is still retried)");
+    }
+    if s.held {
+        println!("held:     yes (accepted while saga execution is held; `tandem txn resume-sagas` starts it)");
     }
     if !s.reason.is_empty() {
         println!("reason:   {}", s.reason);
