@@ -210,8 +210,8 @@ impl CoordinatorHandle {
     /// Accepts a saga (or joins an identical earlier submission) and returns its id once the
     /// saga is durable.
     pub async fn submit_saga(&self, request: SubmitSagaRequest) -> Result<TxnId, CoordinatorError> {
-        self.call(|reply| Command::Saga(sagas::SagaCommand::Submit { request, reply }))
-            .await?
+        let mut answers = self.submit_sagas(vec![request]);
+        answers.pop().expect("one answer per request").await
     }
 
     /// Accepts several sagas (a `SubmitSagas` call) as one command, so that the loop takes
@@ -320,7 +320,7 @@ pub fn start(
         },
         config.rng_seed,
     );
-    let saga_engine = SagaEngine::new(
+    let mut saga_engine = SagaEngine::new(
         SagaEngineConfig {
             compensation_backoff: config.saga_compensation_backoff,
             stuck_after_failures: config.saga_stuck_after_failures,
@@ -328,7 +328,6 @@ pub fn start(
         },
         config.rng_seed.wrapping_add(1),
     );
-    let mut saga_engine = saga_engine;
     // Before recovery: a recovered saga that had not started is held too.
     saga_engine.set_hold(config.hold_sagas);
     let config_metrics = config.metrics.clone();

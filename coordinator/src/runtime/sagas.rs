@@ -84,11 +84,8 @@ type ViewReply = oneshot::Sender<Result<Option<SagaView>, CoordinatorError>>;
 type WatchReply = oneshot::Sender<Result<Option<mpsc::Receiver<WatchItem>>, CoordinatorError>>;
 
 pub(super) enum SagaCommand {
-    Submit {
-        request: SubmitSagaRequest,
-        reply: SubmitReply,
-    },
-    /// Several submissions, taken in one loop turn.
+    /// One or more submissions (a `SubmitSaga` call is a batch of one), taken in one loop
+    /// turn.
     SubmitBatch {
         items: Vec<(SubmitSagaRequest, SubmitReply)>,
     },
@@ -308,7 +305,6 @@ impl Runtime {
 
     pub(super) fn on_saga_command(&mut self, command: SagaCommand) {
         match command {
-            SagaCommand::Submit { request, reply } => self.on_submit_saga(request, reply),
             SagaCommand::SubmitBatch { items } => {
                 for (request, reply) in items {
                     self.on_submit_saga(request, reply);
@@ -493,8 +489,9 @@ impl Runtime {
     pub(super) fn on_saga_event(&mut self, event: SagaEvent) {
         let span = self.txn_span(event.saga(), true);
         let _enter = span.enter();
+        // Only while holding can an acceptance leave the saga held (see `note_if_held`).
         let accepted = match &event {
-            SagaEvent::Accepted { saga } => Some(saga.clone()),
+            SagaEvent::Accepted { saga } if self.sagas.engine.holds() => Some(saga.clone()),
             _ => None,
         };
         if matches!(
