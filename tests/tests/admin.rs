@@ -485,6 +485,16 @@ async fn held_sagas_are_accepted_without_running_until_the_operator_resumes_them
         .steps
         .iter()
         .all(|s| s.action_attempts == 0 && s.compensation_attempts == 0));
+    // The aborted saga leaves the count of waiting sagas at once (holding again changes
+    // nothing and reports it).
+    let run = txn_cli(&addr, &["hold-sagas", "--json"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let answer: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        (&answer["held"], &answer["waiting"]),
+        (&Value::Bool(true), &Value::from(2)),
+        "{run:?}"
+    );
 
     let run = txn_cli(&addr, &["resume-sagas"]).await;
     assert_eq!(run.code, Some(0), "{run:?}");

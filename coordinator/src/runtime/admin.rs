@@ -599,6 +599,9 @@ impl Runtime {
                         },
                     );
                     self.apply_saga(effects);
+                    if view.status.held {
+                        self.forget_held_saga(id);
+                    }
                     let detail = if view.status.held {
                         "held, no step started: nothing to compensate; the outcome will be ABORTED once the decision is durable"
                     } else {

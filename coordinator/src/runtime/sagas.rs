@@ -127,8 +127,8 @@ pub(super) struct SagaSide {
     /// terminal brings it with its `Terminal` effect.
     view_read: Option<SagaView>,
     /// Sagas accepted while execution was held, oldest first; released (in this order, a
-    /// batch per idle loop turn) once execution resumes. May name sagas no longer held (an
-    /// operator aborted them): releasing those does nothing.
+    /// batch per idle loop turn) once execution resumes. Names exactly the held sagas: an
+    /// operator's abort of one takes it out (`forget_held_saga`).
     held: VecDeque<TxnId>,
 }
 
@@ -561,9 +561,21 @@ impl Runtime {
             );
         }
         self.sagas.engine.set_hold(hold);
-        // The queue may name sagas an operator aborted meanwhile: those are not counted.
-        let engine = &self.sagas.engine;
-        self.sagas.held.iter().filter(|s| engine.is_held(s)).count()
+        debug_assert!(
+            self.sagas.held.iter().all(|s| self.sagas.engine.is_held(s)),
+            "the release queue names a saga that is not held"
+        );
+        self.sagas.held.len()
+    }
+
+    /// Takes `saga` out of the release queue: an operator ended it while it was held. A
+    /// linear search, paid only by that operator action, keeps the queue (and the
+    /// `tandem_sagas_held` gauge read from it) exact.
+    pub(super) fn forget_held_saga(&mut self, saga: &TxnId) {
+        if let Some(at) = self.sagas.held.iter().position(|s| s == saga) {
+            self.sagas.held.remove(at);
+            self.metrics.set_sagas_held(self.sagas.held.len());
+        }
     }
 
     /// Releases up to `max` held sagas, oldest first.
