@@ -487,13 +487,11 @@ async fn held_sagas_are_accepted_without_running_until_the_operator_resumes_them
         .all(|s| s.action_attempts == 0 && s.compensation_attempts == 0));
     // The aborted saga leaves the count of waiting sagas at once (holding again changes
     // nothing and reports it).
-    let run = txn_cli(&addr, &["hold-sagas", "--json"]).await;
-    assert_eq!(run.code, Some(0), "{run:?}");
-    let answer: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    let answer = txn_json(&addr, &["hold-sagas"]).await;
     assert_eq!(
         (&answer["held"], &answer["waiting"]),
         (&Value::Bool(true), &Value::from(2)),
-        "{run:?}"
+        "{answer}"
     );
 
     let run = txn_cli(&addr, &["resume-sagas"]).await;
@@ -512,10 +510,8 @@ async fn held_sagas_are_accepted_without_running_until_the_operator_resumes_them
 
     // Held again from the command line; the coordinator restarts before resuming: configured
     // to start held, it holds the recovered saga too.
-    let run = txn_cli(&addr, &["hold-sagas", "--json"]).await;
-    assert_eq!(run.code, Some(0), "{run:?}");
-    let answer: Value = serde_json::from_str(run.stdout.trim()).unwrap();
-    assert_eq!(answer["held"], true, "{run:?}");
+    let answer = txn_json(&addr, &["hold-sagas"]).await;
+    assert_eq!(answer["held"], true, "{answer}");
     let last = client
         .submit_saga(cluster.alice_pays("carol", 10, 3))
         .await

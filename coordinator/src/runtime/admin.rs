@@ -599,10 +599,8 @@ impl Runtime {
                         },
                     );
                     self.apply_saga(effects);
-                    if view.status.held {
-                        self.forget_held_saga(id);
-                    }
                     let detail = if view.status.held {
+                        self.forget_held_saga(id);
                         "held, no step started: nothing to compensate; the outcome will be ABORTED once the decision is durable"
                     } else {
                         "decided to compensate; every attempted step is compensated, newest first, once the decision is durable; the outcome will be ABORTED"
